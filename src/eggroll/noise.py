@@ -1,0 +1,240 @@
+"""Noise addressing: (key, parameter path, generation, member) -> the perturbation of one parameter.
+
+Noise is never stored. One pure function, `draw`, maps
+
+    (leaf key = fold_in(base key, hash(parameter path)), epoch, pair) -> standard normals
+
+and both the population forward pass (`member_noise`) and the ES update (`strategy.tell`) call
+it, so they always agree. Here
+
+    epoch = generation // noise_reuse     (0 when noise_reuse == 0: never refresh)
+    pair  = member // 2, sign = +1 for even members, -1 for odd   (antithetic)
+    pair  = member,      sign = +1                                 (antithetic=False)
+
+A parameter's noise is one of
+    LowRank(a, b, scale): perturbation  scale * a @ b.T,  a (d0, r), b (d1, r),
+                          scale = sign * sigma / sqrt(r), so entries of a b^T / sqrt(r) have
+                          unit variance, like full-rank Gaussian noise.
+    Full(eps, scale):     perturbation  scale * eps,  eps ~ N(0, I) of the parameter's shape,
+                          scale = sign * sigma.
+    None:                 frozen parameter.
+
+Sources of standard normals:
+    "table"    (default) a shared table of normals made once from the base key; one member's
+               draw is a contiguous slice at a key-derived offset (Salimans et al. 2017). All
+               members' factors come from one gather: far cheaper than a threefry draw each.
+    "threefry" jax.random.normal per (leaf, epoch, pair): exact i.i.d. draws, slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+LOWRANK, FULL, FROZEN = "lowrank", "full", "frozen"
+KINDS = (LOWRANK, FULL, FROZEN)
+SOURCES = ("table", "threefry")
+DEFAULT_TABLE_SIZE = 1 << 24  # 64 MiB of float32 normals
+_TABLE_SALT = 0x7AB1E
+
+
+class LowRank(NamedTuple):
+    """Rank-r perturbation of a matrix parameter: scale * a @ b.T (never built in the hot path)."""
+
+    a: jax.Array  # (d0, r)
+    b: jax.Array  # (d1, r)
+    scale: jax.Array  # sign * sigma / sqrt(r)
+
+    def materialize(self) -> jax.Array:
+        return self.scale * (self.a @ self.b.T)
+
+
+class Full(NamedTuple):
+    """Dense Gaussian perturbation of a parameter: scale * eps."""
+
+    eps: jax.Array  # parameter's shape, N(0, 1)
+    scale: jax.Array  # sign * sigma
+
+    def materialize(self) -> jax.Array:
+        return self.scale * self.eps
+
+
+class LeafPlan(NamedTuple):
+    """Static description of one parameter leaf (hashable, lives in the jit cache key)."""
+
+    path: str
+    shape: tuple
+    dtype: str
+    kind: str
+    salt: int
+
+    @property
+    def draw_size(self) -> int:
+        """How many standard normals one member's noise for this leaf needs (rank-free part)."""
+        if self.kind == LOWRANK:
+            return self.shape[0] + self.shape[1]
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+class NoisePlan(NamedTuple):
+    """Static noise settings plus the per-leaf plan of a parameter pytree."""
+
+    treedef: Any
+    leaves: tuple
+    rank: int
+    antithetic: bool
+    noise_reuse: int
+    source: str
+
+    def size(self, leaf: LeafPlan) -> int:
+        return leaf.draw_size * (self.rank if leaf.kind == LOWRANK else 1)
+
+
+def path_salt(path: str) -> int:
+    """Stable 31-bit integer for a parameter path (independent of dict order and Python hash seed)."""
+    return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
+
+
+def default_kind(path: str, leaf) -> str:
+    """Matrices (2-D, embeddings included) get low-rank noise; everything else full noise."""
+    return LOWRANK if jnp.ndim(leaf) == 2 else FULL
+
+
+def make_plan(
+    params,
+    *,
+    rank: int,
+    antithetic: bool,
+    noise_reuse: int,
+    source: str,
+    kinds: Callable[[str, Any], str] | Any | None = None,
+    default: Callable[[str, Any], str] = default_kind,
+) -> NoisePlan:
+    """Build the static plan. `kinds` is a function (path, leaf) -> kind, or a pytree of kind
+    strings with the same structure as params, or None for `default`."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown noise source {source!r}; choose one of {SOURCES}")
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if not isinstance(noise_reuse, int) or noise_reuse < 0:
+        raise ValueError(f"noise_reuse must be an integer >= 0 (0 = never refresh), got {noise_reuse!r}")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if not flat:
+        raise ValueError("params has no array leaves to perturb")
+    if kinds is None or callable(kinds):
+        kind_fn = kinds or default
+        kind_of = [kind_fn(jax.tree_util.keystr(p), x) for p, x in flat]
+    else:
+        kind_leaves, kind_def = jax.tree_util.tree_flatten(kinds)
+        if kind_def != treedef:
+            raise ValueError(
+                "the kinds mask must have the same pytree structure as params "
+                f"(got {kind_def}, expected {treedef}); or pass a function (path, leaf) -> kind"
+            )
+        kind_of = kind_leaves
+    leaves = []
+    for (path, x), kind in zip(flat, kind_of):
+        name = jax.tree_util.keystr(path)
+        if kind not in KINDS:
+            raise ValueError(f"parameter {name}: unknown noise kind {kind!r}; choose one of {KINDS}")
+        shape = tuple(int(s) for s in jnp.shape(x))
+        if kind == LOWRANK:
+            if len(shape) != 2:
+                raise ValueError(f"parameter {name} has shape {shape}: low-rank noise needs a matrix")
+            if rank > min(shape):
+                raise ValueError(
+                    f"rank {rank} exceeds min(m, n) = {min(shape)} of parameter {name} {shape}; "
+                    "lower the rank or give this parameter full noise"
+                )
+        leaves.append(LeafPlan(name, shape, str(jnp.result_type(x)), kind, path_salt(name)))
+    return NoisePlan(treedef, tuple(leaves), rank, antithetic, noise_reuse, source)
+
+
+def required_table_size(plan: NoisePlan, table_size: int | None) -> int:
+    """Table size to use; every member's slice must fit with room for many distinct offsets."""
+    largest = max((plan.size(l) for l in plan.leaves if l.kind != FROZEN), default=1)
+    if table_size is None:
+        return max(DEFAULT_TABLE_SIZE, 1 << math.ceil(math.log2(16 * largest)))
+    if table_size < 8 * largest:
+        raise ValueError(
+            f"noise table of {table_size} values is too small for a slice of {largest} "
+            f"(needs >= {8 * largest}); raise table_size or use noise_source='threefry'"
+        )
+    return int(table_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_table(key_bytes: bytes, size: int) -> jax.Array:
+    key = jnp.asarray(np.frombuffer(key_bytes, dtype=np.uint32))
+    return jax.jit(lambda k: jax.random.normal(jax.random.fold_in(k, _TABLE_SALT), (size,)), )(key)
+
+
+def make_table(key: jax.Array, size: int) -> jax.Array:
+    """The shared table of standard normals: a deterministic function of (key, size)."""
+    return _cached_table(np.asarray(key, dtype=np.uint32).tobytes(), int(size))
+
+
+def leaf_key(key: jax.Array, leaf: LeafPlan) -> jax.Array:
+    return jax.random.fold_in(key, leaf.salt)
+
+
+def draw(table, lkey, epoch, pair, size: int) -> jax.Array:
+    """`size` standard normals addressed by (leaf key, epoch, pair). The single source of noise."""
+    k = jax.random.fold_in(jax.random.fold_in(lkey, epoch), pair)
+    if table is None:
+        return jax.random.normal(k, (size,), jnp.float32)
+    offset = jax.random.randint(k, (), 0, table.shape[0] - size + 1)
+    return lax.dynamic_slice(table, (offset,), (size,))
+
+
+def split_factors(v: jax.Array, shape: tuple, rank: int):
+    """Flat draw (..., (d0 + d1) * r) -> a (..., d0, r), b (..., d1, r)."""
+    d0, d1 = shape
+    a = v[..., : d0 * rank].reshape(*v.shape[:-1], d0, rank)
+    b = v[..., d0 * rank :].reshape(*v.shape[:-1], d1, rank)
+    return a, b
+
+
+def epoch_of(plan: NoisePlan, generation):
+    return generation // plan.noise_reuse if plan.noise_reuse > 0 else jnp.zeros_like(generation)
+
+
+def member_coords(plan: NoisePlan, member):
+    """member -> (pair index, antithetic sign)."""
+    member = jnp.asarray(member, jnp.int32)
+    if plan.antithetic:
+        return member // 2, (1 - 2 * (member % 2)).astype(jnp.float32)
+    return member, jnp.float32(1.0)
+
+
+def member_noise(plan: NoisePlan, key, table, generation, sigma, member):
+    """Noise handles (a pytree shaped like params) for one population member."""
+    epoch = epoch_of(plan, generation)
+    pair, sign = member_coords(plan, member)
+    out = []
+    for leaf in plan.leaves:
+        if leaf.kind == FROZEN:
+            out.append(None)
+            continue
+        v = draw(table, leaf_key(key, leaf), epoch, pair, plan.size(leaf))
+        if leaf.kind == LOWRANK:
+            a, b = split_factors(v, leaf.shape, plan.rank)
+            out.append(LowRank(a, b, sign * sigma / math.sqrt(plan.rank)))
+        else:
+            out.append(Full(v.reshape(leaf.shape), sign * sigma))
+    return jax.tree_util.tree_unflatten(plan.treedef, out)
+
+
+def materialize(noise_tree):
+    """Dense perturbations (zeros are not produced for frozen leaves: they stay None).
+    Reference/testing helper: this builds every full-size matrix."""
+    return jax.tree_util.tree_map(
+        lambda n: n.materialize(), noise_tree, is_leaf=lambda n: isinstance(n, (LowRank, Full))
+    )
