@@ -11,6 +11,7 @@ and computes the same update.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Sequence
 
 import jax
@@ -25,6 +26,9 @@ except ImportError:  # pragma: no cover - jax 0.6
     from jax.experimental.shard_map import shard_map as _shard_map
 
 AXIS = "population"
+# The all-gathered output is replicated by construction; older/newer jax spell the flag that
+# skips re-proving it differently (check_rep in <= 0.6, check_vma after).
+_NO_CHECK = {"check_vma": False} if "check_vma" in inspect.signature(_shard_map).parameters else {"check_rep": False}
 
 
 def population_mesh(devices: Sequence | None = None) -> Mesh:
@@ -66,4 +70,4 @@ def evaluate_population(fitness_fn: Callable, population: int, *, chunk: int | N
         out = _map_chunks(fitness_fn, ms, chunk)
         return jax.tree_util.tree_map(lambda x: lax.all_gather(x, AXIS, tiled=True), out)
 
-    return _shard_map(shard, mesh=mesh, in_specs=P(AXIS), out_specs=P())(members)
+    return _shard_map(shard, mesh=mesh, in_specs=P(AXIS), out_specs=P(), **_NO_CHECK)(members)
