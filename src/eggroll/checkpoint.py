@@ -46,7 +46,7 @@ def save_checkpoint(directory, tree, metadata: dict | None = None) -> Path:
         dtypes[name] = str(arr.dtype)
         if str(arr.dtype) not in _NATIVE:  # e.g. bfloat16: store the raw bits
             arr = arr.view(f"uint{arr.dtype.itemsize * 8}")
-        tensors[name] = np.ascontiguousarray(arr)
+        tensors[name] = np.array(arr, order="C")  # (ascontiguousarray would turn 0-d into 1-d)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         save_file(tensors, str(tmp / "arrays.safetensors"))

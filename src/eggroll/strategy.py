@@ -34,19 +34,11 @@ from .shaping import get_shaping
 Sigma = float | Callable[[Any], Any]
 
 
-@jax.tree_util.register_pytree_node_class
 class ESState:
     """key (raw uint32[2]), generation (int32), table (noise table or None); plan is static."""
 
     def __init__(self, key, generation, table, plan):
         self.key, self.generation, self.table, self.plan = key, generation, table, plan
-
-    def tree_flatten(self):
-        return (self.key, self.generation, self.table), self.plan
-
-    @classmethod
-    def tree_unflatten(cls, plan, children):
-        return cls(*children, plan)
 
     def replace(self, **kw):
         d = dict(key=self.key, generation=self.generation, table=self.table, plan=self.plan)
@@ -55,6 +47,14 @@ class ESState:
 
     def __repr__(self):
         return f"ESState(generation={self.generation}, leaves={len(self.plan.leaves)})"
+
+
+jax.tree_util.register_pytree_with_keys(
+    ESState,
+    lambda s: (tuple((jax.tree_util.GetAttrKey(n), getattr(s, n)) for n in ("key", "generation", "table")), s.plan),
+    lambda plan, children: ESState(*children, plan),
+    lambda s: ((s.key, s.generation, s.table), s.plan),
+)
 
 
 class ES(NamedTuple):
