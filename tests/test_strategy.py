@@ -196,3 +196,26 @@ def test_bad_inputs_raise_clear_errors(key):
         eggroll.open_es(8, table_size=64).init(key, {"w": jnp.zeros((8, 8))})
     with pytest.raises(ValueError, match="unknown noise kind"):
         eggroll.eggroll(8, kinds=lambda p, x: "sparse").init(key, params)
+
+
+def _count_primitive(jaxpr, name):
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == name
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    n += _count_primitive(inner if hasattr(inner, "eqns") else inner.jaxpr, name)
+    return n
+
+
+def test_update_is_bucketed_by_shape(key):
+    """Same-shaped matrices share one batched GEMM: the update's matmul count is flat in depth."""
+    counts = []
+    for depth in (2, 6):
+        params = {f"l{i}": {"w": jnp.zeros((12, 12)), "b": jnp.zeros(12)} for i in range(depth)}
+        es = eggroll.eggroll(8, table_size=T)
+        st = es.init(key, params)
+        counts.append(_count_primitive(jax.make_jaxpr(es.tell)(st, jnp.zeros(8)).jaxpr, "dot_general"))
+    assert counts[0] == counts[1] >= 1, counts
