@@ -27,7 +27,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         helptext = f.metadata.get("help", "")
         if typ is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{helptext} (default: {default})")
             continue
         args = typing.get_args(typ)
         base = next((a for a in args if a is not type(None)), str) if args else typ
@@ -61,7 +62,15 @@ def main(argv=None) -> int:
         return 0
     group = tsub if args.command == "train" else bsub
     mod, _ = modules[(id(group), args.name)]
-    result = mod.run(_parse_into(mod.Config, args))
+    try:
+        result = mod.run(_parse_into(mod.Config, args))
+    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as e:
+        # bad flags / config: one clear line, not a traceback
+        print(f"eggroll {args.command} {args.name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"eggroll {args.command} {args.name}: interrupted (resume with --resume where supported)", file=sys.stderr)
+        return 130
     print(json.dumps(result))
     return 0
 
