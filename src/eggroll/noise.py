@@ -23,7 +23,14 @@ Sources of standard normals:
     "table"    (default) a shared table of normals made once from the base key; one member's
                draw is a contiguous slice at a key-derived offset (Salimans et al. 2017). All
                members' factors come from one gather: far cheaper than a threefry draw each.
+               The offset is `table_offset(leaf key, epoch, pair, span)`: one Threefry-2x32
+               hash of (epoch, pair) under the leaf key, computed for every leaf and member at
+               once (jax.random.randint would take several rolled threefry loops per leaf).
     "threefry" jax.random.normal per (leaf, epoch, pair): exact i.i.d. draws, slower.
+
+`draw` is the reference definition; `member_noise` (forward) and `strategy.tell` (update) use
+its pieces, `table_offset` + `draw_at` / `lowrank_at`, for all leaves at once, which yields
+exactly `draw`'s values (`lowrank_at(t, off, ...) == split_factors(draw_at(t, off, ...))`).
 """
 
 from __future__ import annotations
@@ -41,7 +48,15 @@ from jax import lax
 LOWRANK, FULL, FROZEN = "lowrank", "full", "frozen"
 KINDS = (LOWRANK, FULL, FROZEN)
 SOURCES = ("table", "threefry")
-DEFAULT_TABLE_SIZE = 1 << 24  # 64 MiB of float32 normals
+# Smallest default table: 2^20 float32 normals (4 MiB), small enough to stay in a CPU's cache
+# (the table is read at random offsets every generation: a 64 MiB table costs the population
+# forward ~5% on a 2-core CPU in DRAM traffic alone). It grows with the largest slice and with
+# the number of noise directions per generation (see required_table_size).
+DEFAULT_TABLE_SIZE = 1 << 20
+# the default table holds >= this many entries per noise direction of a generation, so a
+# direction shares its exact offset (identical noise) with another direction of the same leaf
+# with probability <= n_dirs / size <= 1 / 256
+_ENTRIES_PER_DIRECTION = 256
 _TABLE_SALT = 0x7AB1E
 
 
@@ -157,11 +172,16 @@ def make_plan(
     return NoisePlan(treedef, tuple(leaves), rank, antithetic, noise_reuse, source)
 
 
-def required_table_size(plan: NoisePlan, table_size: int | None) -> int:
-    """Table size to use; every member's slice must fit with room for many distinct offsets."""
+def required_table_size(plan: NoisePlan, table_size: int | None, n_dirs: int = 0) -> int:
+    """Table size to use; every member's slice must fit with room for many distinct offsets.
+
+    Default (table_size None): the smallest power of two >= DEFAULT_TABLE_SIZE, 16 x the largest
+    slice and _ENTRIES_PER_DIRECTION x n_dirs (noise directions per generation), so exact offset
+    collisions between directions stay rare however large the population."""
     largest = max((plan.size(l) for l in plan.leaves if l.kind != FROZEN), default=1)
     if table_size is None:
-        return max(DEFAULT_TABLE_SIZE, 1 << math.ceil(math.log2(16 * largest)))
+        need = max(16 * largest, _ENTRIES_PER_DIRECTION * n_dirs, 1)
+        return max(DEFAULT_TABLE_SIZE, 1 << math.ceil(math.log2(need)))
     if table_size < 8 * largest:
         raise ValueError(
             f"noise table of {table_size} values is too small for a slice of {largest} "
@@ -185,13 +205,99 @@ def leaf_key(key: jax.Array, leaf: LeafPlan) -> jax.Array:
     return jax.random.fold_in(key, leaf.salt)
 
 
+def leaf_keys(key: jax.Array, leaves) -> jax.Array:
+    """Stacked `leaf_key`s (L, 2) of several leaves in one vectorised fold_in."""
+    salts = jnp.asarray([leaf.salt for leaf in leaves], jnp.uint32)
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, salts)
+
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_PARITY = 0x1BD11BDA
+
+
+def _rotl(x, r):
+    r = jnp.asarray(r, jnp.uint32)
+    return lax.shift_left(x, r) | lax.shift_right_logical(x, np.uint32(32) - r)
+
+
+def _threefry_group(i, x0, x1, ka, kb, rotations):
+    """Four Threefry-2x32 rounds then key injection number i + 1 (ka, kb: its two key words)."""
+    for r in rotations:
+        x0 = x0 + x1
+        x1 = _rotl(x1, r) ^ x0
+    return x0 + ka, x1 + kb + (jnp.asarray(i).astype(jnp.uint32) + np.uint32(1))
+
+
+def threefry2x32(k0, k1, x0, x1):
+    """Threefry-2x32 with 20 rounds (Salmon et al. 2011) on broadcastable uint32 arrays, as
+    plain elementwise ops. Returns the two output words (equal to jax's threefry_2x32)."""
+    k0, k1, x0, x1 = (jnp.asarray(v).astype(jnp.uint32) for v in (k0, k1, x0, x1))
+    ks = (k0, k1, k0 ^ k1 ^ np.uint32(_PARITY))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for i in range(5):
+        x0, x1 = _threefry_group(i, x0, x1, ks[(i + 1) % 3], ks[(i + 2) % 3], _ROTATIONS[i % 2])
+    return x0, x1
+
+
+def _mulhi_u32(a, b):
+    """floor(a * b / 2**32) for uint32 arrays, exactly, without 64-bit types."""
+    a_lo, a_hi = a & np.uint32(0xFFFF), lax.shift_right_logical(a, np.uint32(16))
+    b_lo, b_hi = b & np.uint32(0xFFFF), lax.shift_right_logical(b, np.uint32(16))
+    lo_lo, hi_lo, lo_hi = a_lo * b_lo, a_hi * b_lo, a_lo * b_hi
+    # every partial product is < 2**32; the middle sum is < 2**32 because b < 2**31
+    mid = lax.shift_right_logical(lo_lo, np.uint32(16)) + (hi_lo & np.uint32(0xFFFF)) + lo_hi
+    return a_hi * b_hi + lax.shift_right_logical(hi_lo, np.uint32(16)) + lax.shift_right_logical(mid, np.uint32(16))
+
+
+def table_offset(lkey, epoch, pair, span):
+    """Start of the table slice addressed by (leaf key, epoch, pair): an integer in [0, span).
+
+    Broadcasts: lkey (..., 2) uint32, epoch / pair / span integer arrays, so the offsets of all
+    leaves and members come from one call. span = table size - slice size + 1 (< 2**31)."""
+    lkey = jnp.asarray(lkey, jnp.uint32)
+    args = (lkey[..., 0], lkey[..., 1], epoch, pair, span)
+    k0, k1, x0, x1, span = (a.astype(jnp.uint32) for a in jnp.broadcast_arrays(*(jnp.asarray(a) for a in args)))
+    # threefry2x32(k0, k1, x0, x1)[0] then mulhi(., span), as a loop over the five groups of
+    # rounds: the loop's result is materialised once, so XLA cannot fuse the hash into the
+    # gathers that use it (a fused hash is re-evaluated for every gathered element).
+    ks = (k0, k1, k0 ^ k1 ^ np.uint32(_PARITY))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    rot = np.asarray(_ROTATIONS, np.uint32)
+
+    def group(i, carry):
+        x0, x1, ka, kb, kc, _ = carry  # ka, kb, kc = ks[(i + 1) % 3], ks[(i + 2) % 3], ks[i % 3]
+        rots = [jnp.where(i % 2 == 0, rot[0, j], rot[1, j]) for j in range(4)]
+        x0, x1 = _threefry_group(i, x0, x1, ka, kb, rots)
+        return x0, x1, kb, kc, ka, _mulhi_u32(x0, span)
+
+    init = (x0, x1, ks[1], ks[2], ks[0], jnp.zeros_like(x0))
+    return lax.fori_loop(0, 5, group, init)[-1].astype(jnp.int32)
+
+
+def table_span(table, size: int) -> int:
+    return int(table.shape[0]) - int(size) + 1
+
+
+def draw_at(table, offset, size: int) -> jax.Array:
+    """`size` consecutive table entries from `offset`."""
+    return lax.dynamic_slice(table, (offset,), (size,))
+
+
+def lowrank_at(table, offset, shape: tuple, rank: int):
+    """split_factors(draw_at(table, offset, (d0 + d1) * rank), shape, rank) as two slices, so
+    each factor is gathered straight into its consumer (no slice of a gathered copy)."""
+    d0, d1 = shape
+    a = lax.dynamic_slice(table, (offset,), (d0 * rank,)).reshape(d0, rank)
+    b = lax.dynamic_slice(table, (offset + d0 * rank,), (d1 * rank,)).reshape(d1, rank)
+    return a, b
+
+
 def draw(table, lkey, epoch, pair, size: int) -> jax.Array:
     """`size` standard normals addressed by (leaf key, epoch, pair). The single source of noise."""
-    k = jax.random.fold_in(jax.random.fold_in(lkey, epoch), pair)
     if table is None:
+        k = jax.random.fold_in(jax.random.fold_in(lkey, epoch), pair)
         return jax.random.normal(k, (size,), jnp.float32)
-    offset = jax.random.randint(k, (), 0, table.shape[0] - size + 1)
-    return lax.dynamic_slice(table, (offset,), (size,))
+    return draw_at(table, table_offset(lkey, epoch, pair, table_span(table, size)), size)
 
 
 def split_factors(v: jax.Array, shape: tuple, rank: int):
@@ -218,17 +324,30 @@ def member_noise(plan: NoisePlan, key, table, generation, sigma, member):
     """Noise handles (a pytree shaped like params) for one population member."""
     epoch = epoch_of(plan, generation)
     pair, sign = member_coords(plan, member)
+    active = [leaf for leaf in plan.leaves if leaf.kind != FROZEN]
+    offsets = {}
+    if table is not None and active:
+        # every leaf's offset in one call (the leaf keys do not depend on the member)
+        spans = np.asarray([table_span(table, plan.size(leaf)) for leaf in active], np.uint32)
+        offs = table_offset(leaf_keys(key, active), epoch, pair, spans)
+        offsets = {leaf.path: offs[j] for j, leaf in enumerate(active)}
     out = []
     for leaf in plan.leaves:
         if leaf.kind == FROZEN:
             out.append(None)
-            continue
-        v = draw(table, leaf_key(key, leaf), epoch, pair, plan.size(leaf))
-        if leaf.kind == LOWRANK:
-            a, b = split_factors(v, leaf.shape, plan.rank)
+        elif table is not None and leaf.kind == LOWRANK:
+            a, b = lowrank_at(table, offsets[leaf.path], leaf.shape, plan.rank)
             out.append(LowRank(a, b, sign * sigma / math.sqrt(plan.rank)))
-        else:
+        elif table is not None:
+            v = draw_at(table, offsets[leaf.path], plan.size(leaf))
             out.append(Full(v.reshape(leaf.shape), sign * sigma))
+        else:
+            v = draw(None, leaf_key(key, leaf), epoch, pair, plan.size(leaf))
+            if leaf.kind == LOWRANK:
+                a, b = split_factors(v, leaf.shape, plan.rank)
+                out.append(LowRank(a, b, sign * sigma / math.sqrt(plan.rank)))
+            else:
+                out.append(Full(v.reshape(leaf.shape), sign * sigma))
     return jax.tree_util.tree_unflatten(plan.treedef, out)
 
 

@@ -21,6 +21,7 @@ compile time does not grow with depth. No per-member full-size matrix is ever bu
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -110,7 +111,7 @@ def _make(population, sigma, *, rank, antithetic, noise_reuse, shaping, kinds, d
                             source=noise_source, kinds=kinds, default=default_kind)
         table = None
         if noise_source == "table":
-            table = nz.make_table(key, nz.required_table_size(plan, table_size))
+            table = nz.make_table(key, nz.required_table_size(plan, table_size, n_dirs))
         return ESState(key, jnp.zeros((), jnp.int32), table, plan)
 
     def noise(state: ESState, member):
@@ -159,7 +160,7 @@ def _es_gradient(state: ESState, coef, n_dirs, update_chunk):
             buckets.setdefault((leaf.kind, leaf.shape), []).append(i)
     out: list = [None] * len(plan.leaves)
     for (kind, shape), idx in buckets.items():
-        lkeys = jnp.stack([nz.leaf_key(state.key, plan.leaves[i]) for i in idx])  # (L, 2)
+        lkeys = nz.leaf_keys(state.key, [plan.leaves[i] for i in idx])  # (L, 2)
         size = plan.size(plan.leaves[idx[0]])
         chunk = update_chunk or _largest_divisor_at_most(n_dirs, max(1, (1 << 24) // (len(idx) * size)))
         if n_dirs % chunk:
@@ -167,17 +168,33 @@ def _es_gradient(state: ESState, coef, n_dirs, update_chunk):
         pairs = jnp.arange(n_dirs, dtype=jnp.int32).reshape(-1, chunk)
         coefs = coef.reshape(-1, chunk)
         draw_all = jax.vmap(jax.vmap(nz.draw, (None, None, None, 0, None)), (None, 0, None, None, None))
+        if kind == nz.LOWRANK:
+            at_one = functools.partial(nz.lowrank_at, shape=shape, rank=plan.rank)
+        else:
+            at_one = functools.partial(nz.draw_at, size=size)
+        at_all = jax.vmap(jax.vmap(at_one, (None, 0)), (None, 0))  # (table, offsets (L, chunk))
 
-        def body(acc, xs, kind=kind, shape=shape, size=size, lkeys=lkeys):
+        def body(acc, xs, kind=kind, shape=shape, size=size, lkeys=lkeys, at_all=at_all):
             p, c = xs
-            v = draw_all(state.table, lkeys, epoch, p, size)  # (L, chunk, size)
+            if state.table is not None:
+                # the forward's offsets (nz.table_offset) for all leaves x chunk in one call
+                offs = nz.table_offset(lkeys[:, None, :], epoch, p[None, :], nz.table_span(state.table, size))
+                if kind == nz.LOWRANK:
+                    a, b = at_all(state.table, offs)  # (L, c, d0, r), (L, c, d1, r)
+                else:
+                    v = at_all(state.table, offs)  # (L, chunk, size)
+            else:
+                v = draw_all(state.table, lkeys, epoch, p, size)  # (L, chunk, size)
+                if kind == nz.LOWRANK:
+                    a, b = nz.split_factors(v, shape, plan.rank)
             if kind == nz.LOWRANK:
-                a, b = nz.split_factors(v, shape, plan.rank)  # (L, c, d0, r), (L, c, d1, r)
-                a = a * (c / math.sqrt(plan.rank))[None, :, None, None]
+                # scale the factor gathered in its natural layout (XLA transposes the other one
+                # into the GEMM operand; per-element work there is kept to the gather alone)
+                b = b * (c / math.sqrt(plan.rank))[None, :, None, None]
                 # sum over (chunk, rank) of outer products: one batched GEMM per bucket
                 upd = jnp.einsum("lcir,lcjr->lij", a, b, preferred_element_type=jnp.float32)
             else:
-                upd = jnp.einsum("lcn,c->ln", v, c, preferred_element_type=jnp.float32).reshape(len(lkeys), *shape)
+                upd = jnp.einsum("c,lcn->ln", c, v, preferred_element_type=jnp.float32).reshape(len(lkeys), *shape)
             return acc + upd, None
 
         acc0 = jnp.zeros((len(idx), *shape), jnp.float32)
