@@ -32,12 +32,12 @@ def test_save_kill_resume_is_bitwise(key, tmp_path):
     params, es, opt, step = setup(key)
     state = (params, es.init(key, params), opt.init(params))
     for _ in range(6):
-        state = step(*state)
+        state = jax.block_until_ready(step(*state))  # sync: see test_strategy._train
     uninterrupted = state
 
     state = (params, es.init(key, params), opt.init(params))
     for _ in range(3):
-        state = step(*state)
+        state = jax.block_until_ready(step(*state))  # sync: see test_strategy._train
     eggroll.save_checkpoint(tmp_path / "ckpt", {"params": state[0], "es": state[1], "opt": state[2]}, {"generation": 3})
     del state  # "kill"
     fresh = (params, es.init(key, params), opt.init(params))
@@ -45,7 +45,7 @@ def test_save_kill_resume_is_bitwise(key, tmp_path):
     assert meta == {"generation": 3} and int(tree["es"].generation) == 3
     state = (tree["params"], tree["es"], tree["opt"])
     for _ in range(3):
-        state = step(*state)
+        state = jax.block_until_ready(step(*state))  # sync: see test_strategy._train
     for a, b in zip(jax.tree_util.tree_leaves(uninterrupted), jax.tree_util.tree_leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -149,7 +149,9 @@ def _train(key, *, devices, chunk, generations=3, N=64):
 
     st, os = es.init(key, params), opt.init(params)
     for _ in range(generations):
-        params, st, os = step(params, st, os)
+        # sync each generation: with more forced CPU devices than cores, XLA's CPU collectives
+        # can deadlock when generations are dispatched ahead (see docs/ALGORITHM.md)
+        params, st, os = jax.block_until_ready(step(params, st, os))
     return params
 
 

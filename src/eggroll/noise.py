@@ -190,15 +190,16 @@ def required_table_size(plan: NoisePlan, table_size: int | None, n_dirs: int = 0
     return int(table_size)
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_table(key_bytes: bytes, size: int) -> jax.Array:
-    key = jnp.asarray(np.frombuffer(key_bytes, dtype=np.uint32))
-    return jax.jit(lambda k: jax.random.normal(jax.random.fold_in(k, _TABLE_SALT), (size,)), )(key)
+@functools.partial(jax.jit, static_argnums=1)
+def _normal_table(key: jax.Array, size: int) -> jax.Array:
+    return jax.random.normal(jax.random.fold_in(key, _TABLE_SALT), (size,))
 
 
 def make_table(key: jax.Array, size: int) -> jax.Array:
-    """The shared table of standard normals: a deterministic function of (key, size)."""
-    return _cached_table(np.asarray(key, dtype=np.uint32).tobytes(), int(size))
+    """The shared table of standard normals: a deterministic function of (key, size).
+
+    A fresh buffer each call (not cached), so a caller may donate its state's table."""
+    return _normal_table(jnp.asarray(key, jnp.uint32), int(size))
 
 
 def leaf_key(key: jax.Array, leaf: LeafPlan) -> jax.Array:
