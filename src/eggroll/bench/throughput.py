@@ -5,11 +5,11 @@ All in one process. Every quantity is a jitted function followed by block_until_
 first call (compile) and `warmup` more are not timed. Quantities that are compared are timed in
 rounds, interleaved (rotating order), so a change in machine load hits all of them alike; in a
 round each runs one untimed call and then `inner` timed calls (so each is timed warm, as in a
-loop that repeats it). Reported ratios use the medians over all timed calls; `paired_ratios`
-(median over rounds of the per-round ratio) and `p10_ratios` (ratios of the 10th percentiles,
-i.e. of the fast calls) are cross-checks. On a small shared CPU the spread can be large: plain
-inference's GEMMs now and then run at half speed (the runtime's thread pool), which inflates its
-median (see `quantiles_ms`: p10, p50, p90); `p10_ratios` then shows the intrinsic overhead.
+loop that repeats it). The headline inference ratios are ratios of 10th-percentile times (the
+fast calls); `median_ratios` and `paired_ratios` (median over rounds of the per-round ratio) are
+cross-checks. On a small shared CPU the spread can be large: plain inference's GEMMs now and
+then run at half speed (the runtime's thread pool), which inflates its median and would flatter
+EGGROLL (see `quantiles_ms`: p10, p50, p90), so the p10 ratio is the conservative figure.
 
     forward_over_inference    t(plain inference, N inputs) / t(population forward: member i
                               runs its own perturbed MLP on its one input; es.noise is called
@@ -264,7 +264,7 @@ def run(cfg: Config) -> dict:
     s = {k: v["samples"] for k, v in timings.items()}
     # the faster plain-inference variant is the baseline
     base_nt = min(("inference_nt", "inference_nt_chunked"), key=lambda k: ms.get(k, float("inf")))
-    result: dict[str, Any] = {
+    median_ratios = {
         "forward_over_inference": ms["inference_n"] / ms["population_forward"],
         "update_over_inference": ms["update"] / ms["inference_n"],
         "step_over_inference_t100": ms[base_nt] / ms["generation_t"],
@@ -281,7 +281,12 @@ def run(cfg: Config) -> dict:
         "step_over_inference_t100": min(lo["inference_nt"], lo.get("inference_nt_chunked", float("inf")))
         / lo["generation_t"],
     }
-    notes = {"step_over_inference_t100_baseline": base_nt}
+    # Headline: ratios of the fast (10th-percentile) calls. On a shared CPU the medians of the
+    # plain-inference baseline are inflated by slow GEMM calls, which flatters EGGROLL; the p10
+    # ratios are the conservative, repeatable figure. Medians are reported beside them.
+    result: dict[str, Any] = dict(p10_ratios)
+    notes = {"step_over_inference_t100_baseline": base_nt,
+             "headline": "forward/update/step_t100 ratios use 10th-percentile times; see median_ratios"}
     if cfg.openes:
         # OpenES calls take hundreds of ms and allocate GBs; interleaving them with the ~10 ms
         # EGGROLL generation inflates the latter, so the ratio divides by generation_1 from the
@@ -313,7 +318,7 @@ def run(cfg: Config) -> dict:
     result["all_ok"] = all(result["ok"].values())
     result["targets"] = {k: f"{op} {v}" for k, (op, v) in TARGETS.items()}
     result["paired_ratios"] = {k: round(v, 4) for k, v in paired.items()}
-    result["p10_ratios"] = {k: round(v, 4) for k, v in p10_ratios.items()}
+    result["median_ratios"] = {k: round(v, 4) for k, v in median_ratios.items()}
     result["notes"] = notes
     result["timings_ms"] = {k: round(v, 4) for k, v in ms.items()}
     result["timings_min_ms"] = {k: round(v["min_ms"], 4) for k, v in timings.items()}
