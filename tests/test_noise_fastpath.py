@@ -14,26 +14,24 @@ def params():
     return {"a": jnp.zeros((5, 7)), "b": jnp.zeros(4), "c": {"w": jnp.zeros((7, 5)), "v": jnp.zeros((7, 5))}}
 
 
-def test_threefry_offset_helpers_agree():
-    rng = np.random.default_rng(0)
-    lk = jnp.asarray(rng.integers(0, 2**32, (6, 1, 2), dtype=np.uint64).astype(np.uint32))
-    span = jnp.asarray(rng.integers(1, 2**31, (6, 1)), jnp.int32)
-    pair = jnp.arange(11)[None, :]
-    off = nz.table_offset(lk, jnp.int32(3), pair, span)  # rolled loop
-    h0, _ = nz.threefry2x32(lk[..., 0], lk[..., 1], 3, pair)  # unrolled reference
-    np.testing.assert_array_equal(off, nz._mulhi_u32(h0, span.astype(jnp.uint32)).astype(jnp.int32))
-    assert off.shape == (6, 11) and bool((off >= 0).all() & (off < span).all())
-    # exact floor(a * b / 2**32)
-    a = rng.integers(0, 2**32, 5000, dtype=np.uint64)
-    b = rng.integers(1, 2**31, 5000, dtype=np.uint64)
-    got = nz._mulhi_u32(jnp.asarray(a.astype(np.uint32)), jnp.asarray(b.astype(np.uint32)))
-    np.testing.assert_array_equal(np.asarray(got, np.uint64), (a * b) >> np.uint64(32))
+def test_offsets_of_one_generation_never_overlap():
+    """Consecutive pairs read consecutive slices: one leaf's directions share no table entry."""
+    lk = jnp.asarray([[1, 2], [3, 4]], jnp.uint32)
+    size, span = 37, (1 << 16) - 37 + 1
+    offs = np.asarray(nz.table_offset(lk[:, None, :], jnp.int32(5), jnp.arange(1000)[None, :], span, size))
+    assert offs.shape == (2, 1000) and (offs >= 0).all() and (offs < span).all()
+    for row in offs:
+        starts = np.sort(row)
+        gaps = np.diff(np.concatenate([starts, [starts[0] + span]]))  # cyclic
+        assert (gaps >= size).all()
+    assert not np.array_equal(offs[0], offs[1])  # each leaf has its own base
+    other_epoch = np.asarray(nz.table_offset(lk[:1], jnp.int32(6), 0, span, size))
+    assert int(other_epoch[0]) != int(offs[0, 0])
 
 
-def test_offsets_are_roughly_uniform():
-    lk = nz.leaf_keys(jnp.asarray([1, 2], jnp.uint32), nz.make_plan(params(), rank=1, antithetic=True,
-                                                                      noise_reuse=1, source="table").leaves[:1])
-    counts = np.bincount(np.asarray(nz.table_offset(lk, 0, jnp.arange(100_000), 100)).ravel(), minlength=100)
+def test_bases_are_roughly_uniform():
+    keys = jax.random.split(jax.random.PRNGKey(1), 100_000)
+    counts = np.bincount(np.asarray(nz.table_offset(keys, 0, 0, 100, 7)), minlength=100)
     assert counts.min() > 800 and counts.max() < 1200  # expected 1000 each
 
 

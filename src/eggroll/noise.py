@@ -23,9 +23,8 @@ Sources of standard normals:
     "table"    (default) a shared table of normals made once from the base key; one member's
                draw is a contiguous slice at a key-derived offset (Salimans et al. 2017). All
                members' factors come from one gather: far cheaper than a threefry draw each.
-               The offset is `table_offset(leaf key, epoch, pair, span)`: one Threefry-2x32
-               hash of (epoch, pair) under the leaf key, computed for every leaf and member at
-               once (jax.random.randint would take several rolled threefry loops per leaf).
+               The offset is `table_offset`: a random base per (leaf, epoch) plus pair x slice
+               size, so one generation's directions of a leaf never share a table entry.
     "threefry" jax.random.normal per (leaf, epoch, pair): exact i.i.d. draws, slower.
 
 `draw` is the reference definition; `member_noise` (forward) and `strategy.tell` (update) use
@@ -212,67 +211,27 @@ def leaf_keys(key: jax.Array, leaves) -> jax.Array:
     return jax.vmap(jax.random.fold_in, (None, 0))(key, salts)
 
 
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-_PARITY = 0x1BD11BDA
+def table_offset(lkey, epoch, pair, span, stride):
+    """Start of the table slice addressed by (leaf key, epoch, pair), in [0, span):
 
+        offset = (base + pair * stride) mod span,   base = randint(fold_in(leaf key, epoch), [0, span))
 
-def _rotl(x, r):
-    r = jnp.asarray(r, jnp.uint32)
-    return lax.shift_left(x, r) | lax.shift_right_logical(x, np.uint32(32) - r)
+    With stride = the slice size, the pairs of one leaf and epoch read consecutive,
+    non-overlapping slices (while pairs * stride <= span), so within a generation no two noise
+    directions of a leaf share a table entry; each leaf and epoch starts at its own random base.
+    Only the base is hashed (once per leaf and epoch, not per member); the per-member part is
+    one multiply-add, cheap enough for XLA to fuse into the gathers.
 
-
-def _threefry_group(i, x0, x1, ka, kb, rotations):
-    """Four Threefry-2x32 rounds then key injection number i + 1 (ka, kb: its two key words)."""
-    for r in rotations:
-        x0 = x0 + x1
-        x1 = _rotl(x1, r) ^ x0
-    return x0 + ka, x1 + kb + (jnp.asarray(i).astype(jnp.uint32) + np.uint32(1))
-
-
-def threefry2x32(k0, k1, x0, x1):
-    """Threefry-2x32 with 20 rounds (Salmon et al. 2011) on broadcastable uint32 arrays, as
-    plain elementwise ops. Returns the two output words (equal to jax's threefry_2x32)."""
-    k0, k1, x0, x1 = (jnp.asarray(v).astype(jnp.uint32) for v in (k0, k1, x0, x1))
-    ks = (k0, k1, k0 ^ k1 ^ np.uint32(_PARITY))
-    x0, x1 = x0 + ks[0], x1 + ks[1]
-    for i in range(5):
-        x0, x1 = _threefry_group(i, x0, x1, ks[(i + 1) % 3], ks[(i + 2) % 3], _ROTATIONS[i % 2])
-    return x0, x1
-
-
-def _mulhi_u32(a, b):
-    """floor(a * b / 2**32) for uint32 arrays, exactly, without 64-bit types."""
-    a_lo, a_hi = a & np.uint32(0xFFFF), lax.shift_right_logical(a, np.uint32(16))
-    b_lo, b_hi = b & np.uint32(0xFFFF), lax.shift_right_logical(b, np.uint32(16))
-    lo_lo, hi_lo, lo_hi = a_lo * b_lo, a_hi * b_lo, a_lo * b_hi
-    # every partial product is < 2**32; the middle sum is < 2**32 because b < 2**31
-    mid = lax.shift_right_logical(lo_lo, np.uint32(16)) + (hi_lo & np.uint32(0xFFFF)) + lo_hi
-    return a_hi * b_hi + lax.shift_right_logical(hi_lo, np.uint32(16)) + lax.shift_right_logical(mid, np.uint32(16))
-
-
-def table_offset(lkey, epoch, pair, span):
-    """Start of the table slice addressed by (leaf key, epoch, pair): an integer in [0, span).
-
-    Broadcasts: lkey (..., 2) uint32, epoch / pair / span integer arrays, so the offsets of all
-    leaves and members come from one call. span = table size - slice size + 1 (< 2**31)."""
+    Broadcasts: lkey (..., 2); span and stride broadcast with lkey[..., 0]; pair with the result.
+    Arithmetic is uint32 (wrapping), then reduced mod span (< 2**31)."""
     lkey = jnp.asarray(lkey, jnp.uint32)
-    args = (lkey[..., 0], lkey[..., 1], epoch, pair, span)
-    k0, k1, x0, x1, span = (a.astype(jnp.uint32) for a in jnp.broadcast_arrays(*(jnp.asarray(a) for a in args)))
-    # threefry2x32(k0, k1, x0, x1)[0] then mulhi(., span), as a loop over the five groups of
-    # rounds: the loop's result is materialised once, so XLA cannot fuse the hash into the
-    # gathers that use it (a fused hash is re-evaluated for every gathered element).
-    ks = (k0, k1, k0 ^ k1 ^ np.uint32(_PARITY))
-    x0, x1 = x0 + ks[0], x1 + ks[1]
-    rot = np.asarray(_ROTATIONS, np.uint32)
-
-    def group(i, carry):
-        x0, x1, ka, kb, kc, _ = carry  # ka, kb, kc = ks[(i + 1) % 3], ks[(i + 2) % 3], ks[i % 3]
-        rots = [jnp.where(i % 2 == 0, rot[0, j], rot[1, j]) for j in range(4)]
-        x0, x1 = _threefry_group(i, x0, x1, ka, kb, rots)
-        return x0, x1, kb, kc, ka, _mulhi_u32(x0, span)
-
-    init = (x0, x1, ks[1], ks[2], ks[0], jnp.zeros_like(x0))
-    return lax.fori_loop(0, 5, group, init)[-1].astype(jnp.int32)
+    batch = lkey.shape[:-1]
+    span = jnp.broadcast_to(jnp.asarray(span, jnp.int32), batch)
+    base = jax.vmap(lambda k, s: jax.random.randint(jax.random.fold_in(k, epoch), (), 0, s))(
+        lkey.reshape(-1, 2), span.reshape(-1)).reshape(batch)
+    u32 = jnp.uint32
+    step = jnp.asarray(pair).astype(u32) * jnp.asarray(stride).astype(u32)
+    return ((base.astype(u32) + step) % span.astype(u32)).astype(jnp.int32)
 
 
 def table_span(table, size: int) -> int:
@@ -298,7 +257,7 @@ def draw(table, lkey, epoch, pair, size: int) -> jax.Array:
     if table is None:
         k = jax.random.fold_in(jax.random.fold_in(lkey, epoch), pair)
         return jax.random.normal(k, (size,), jnp.float32)
-    return draw_at(table, table_offset(lkey, epoch, pair, table_span(table, size)), size)
+    return draw_at(table, table_offset(lkey, epoch, pair, table_span(table, size), size), size)
 
 
 def split_factors(v: jax.Array, shape: tuple, rank: int):
@@ -329,8 +288,9 @@ def member_noise(plan: NoisePlan, key, table, generation, sigma, member):
     offsets = {}
     if table is not None and active:
         # every leaf's offset in one call (the leaf keys do not depend on the member)
-        spans = np.asarray([table_span(table, plan.size(leaf)) for leaf in active], np.uint32)
-        offs = table_offset(leaf_keys(key, active), epoch, pair, spans)
+        sizes = np.asarray([plan.size(leaf) for leaf in active], np.int32)
+        spans = np.asarray([table_span(table, int(n)) for n in sizes], np.int32)
+        offs = table_offset(leaf_keys(key, active), epoch, pair, spans, sizes)
         offsets = {leaf.path: offs[j] for j, leaf in enumerate(active)}
     out = []
     for leaf in plan.leaves:

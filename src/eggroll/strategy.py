@@ -178,7 +178,7 @@ def _es_gradient(state: ESState, coef, n_dirs, update_chunk):
             p, c = xs
             if state.table is not None:
                 # the forward's offsets (nz.table_offset) for all leaves x chunk in one call
-                offs = nz.table_offset(lkeys[:, None, :], epoch, p[None, :], nz.table_span(state.table, size))
+                offs = nz.table_offset(lkeys[:, None, :], epoch, p[None, :], nz.table_span(state.table, size), size)
                 if kind == nz.LOWRANK:
                     a, b = at_all(state.table, offs)  # (L, c, d0, r), (L, c, d1, r)
                 else:
