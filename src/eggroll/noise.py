@@ -52,10 +52,10 @@ SOURCES = ("table", "threefry")
 # forward ~5% on a 2-core CPU in DRAM traffic alone). It grows with the largest slice and with
 # the number of noise directions per generation (see required_table_size).
 DEFAULT_TABLE_SIZE = 1 << 20
-# the default table holds >= this many entries per noise direction of a generation, so a
-# direction shares its exact offset (identical noise) with another direction of the same leaf
-# with probability <= n_dirs / size <= 1 / 256
+# the default table holds >= this many entries per noise direction of a generation, so the
+# random bases of different leaves and epochs rarely line up slice for slice
 _ENTRIES_PER_DIRECTION = 256
+_NON_OVERLAP_CAP = 1 << 24  # 64 MiB: beyond it slices of one generation may overlap (shifted)
 _TABLE_SALT = 0x7AB1E
 
 
@@ -175,11 +175,12 @@ def required_table_size(plan: NoisePlan, table_size: int | None, n_dirs: int = 0
     """Table size to use; every member's slice must fit with room for many distinct offsets.
 
     Default (table_size None): the smallest power of two >= DEFAULT_TABLE_SIZE, 16 x the largest
-    slice and _ENTRIES_PER_DIRECTION x n_dirs (noise directions per generation), so exact offset
-    collisions between directions stay rare however large the population."""
+    slice, _ENTRIES_PER_DIRECTION x n_dirs (noise directions per generation) and, up to
+    _NON_OVERLAP_CAP entries, n_dirs x the largest slice, so that one generation's directions of
+    a leaf read disjoint slices (see table_offset)."""
     largest = max((plan.size(l) for l in plan.leaves if l.kind != FROZEN), default=1)
     if table_size is None:
-        need = max(16 * largest, _ENTRIES_PER_DIRECTION * n_dirs, 1)
+        need = max(16 * largest, _ENTRIES_PER_DIRECTION * n_dirs, min(n_dirs * largest, _NON_OVERLAP_CAP), 1)
         return max(DEFAULT_TABLE_SIZE, 1 << math.ceil(math.log2(need)))
     if table_size < 8 * largest:
         raise ValueError(
