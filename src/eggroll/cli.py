@@ -1,8 +1,8 @@
 """Command line: `eggroll train RECIPE [flags]`, `eggroll bench NAME [flags]`, `eggroll list`.
 
-Recipes (eggroll.recipes.RECIPES) each expose a `Config` dataclass and `run(cfg) -> dict`; their
+Recipes (RECIPES below) each expose a `Config` dataclass and `run(cfg) -> dict`; their
 flags are generated from the dataclass fields, so `eggroll train cartpole --help` lists them.
-Benchmarks (eggroll.bench.BENCHES) expose `Config` and `run(cfg) -> dict` the same way and print
+Benchmarks (BENCHES) expose `Config` and `run(cfg) -> dict` the same way and print
 one JSON object as their last line.
 """
 
@@ -15,8 +15,11 @@ import json
 import sys
 import typing
 
-RECIPES = {"cartpole": "eggroll.recipes.cartpole"}
-BENCHES = {"throughput": "eggroll.bench.throughput"}
+# name -> (module, one-line description). Modules are imported only when their command runs,
+# so a recipe's optional dependencies never break the others (or `eggroll --help`).
+RECIPES = {"cartpole": ("eggroll.recipes.cartpole", "MLP policy on gymnax CartPole-v1 (EGGROLL or OpenES)")}
+BENCHES = {"throughput": ("eggroll.bench.throughput",
+                          "population forward / update / generation vs batched inference and OpenES")}
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
@@ -42,28 +45,28 @@ def _parse_into(cls, ns) -> object:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="eggroll", description="Evolution strategies with low-rank perturbations (EGGROLL) in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="run a training recipe")
-    tsub = train.add_subparsers(dest="name", required=True)
-    bench = sub.add_parser("bench", help="run a benchmark (last line of output is JSON)")
-    bsub = bench.add_subparsers(dest="name", required=True)
+    groups = {}
+    for command, table, helptext in (("train", RECIPES, "run a training recipe"),
+                                     ("bench", BENCHES, "run a benchmark (last line of output is JSON)")):
+        group = sub.add_parser(command, help=helptext).add_subparsers(dest="name", required=True)
+        groups[command] = {name: group.add_parser(name, help=desc, add_help=False) for name, (_, desc) in table.items()}
     sub.add_parser("list", help="list recipes and benchmarks")
-    modules = {}
-    for table, group in ((RECIPES, tsub), (BENCHES, bsub)):
-        for name, modname in table.items():
-            mod = importlib.import_module(modname)
-            p = group.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
-            _add_dataclass_flags(p, mod.Config)
-            modules[(id(group), name)] = (mod, group)
-    args = parser.parse_args(argv)
+    args, _ = parser.parse_known_args(argv)
     if args.command == "list":
         print(json.dumps({"recipes": sorted(RECIPES), "benches": sorted(BENCHES)}))
         return 0
-    group = tsub if args.command == "train" else bsub
-    mod, _ = modules[(id(group), args.name)]
+    # second stage: the chosen module's own flags (its Config fields), parsed strictly
+    modname = (RECIPES if args.command == "train" else BENCHES)[args.name][0]
+    mod = importlib.import_module(modname)
+    own = argparse.ArgumentParser(prog=f"eggroll {args.command} {args.name}",
+                                  description=(mod.__doc__ or "").strip().splitlines()[0])
+    _add_dataclass_flags(own, mod.Config)
+    ns = own.parse_args(argv[argv.index(args.name) + 1:])
     try:
-        result = mod.run(_parse_into(mod.Config, args))
+        result = mod.run(_parse_into(mod.Config, ns))
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as e:
         # bad flags / config: one clear line, not a traceback
         print(f"eggroll {args.command} {args.name}: error: {e}", file=sys.stderr)
