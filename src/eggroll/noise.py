@@ -27,9 +27,8 @@ Sources of standard normals:
                size, so one generation's directions of a leaf never share a table entry.
     "threefry" jax.random.normal per (leaf, epoch, pair): exact i.i.d. draws, slower.
 
-`draw` is the reference definition; `member_noise` (forward) and `strategy.tell` (update) use
-its pieces, `table_offset` + `draw_at` / `lowrank_at`, for all leaves at once, which yields
-exactly `draw`'s values (`lowrank_at(t, off, ...) == split_factors(draw_at(t, off, ...))`).
+`draw` is the reference definition; `member_noise` (forward) and `strategy.tell` (update) both
+call `direction_noise`, which yields exactly `draw`'s values.
 """
 
 from __future__ import annotations
@@ -281,35 +280,36 @@ def member_coords(plan: NoisePlan, member):
     return member, jnp.float32(1.0)
 
 
+def direction_noise(plan: NoisePlan, table, lkey, epoch, pair, leaf: LeafPlan):
+    """Standard normals of noise direction `pair` for one (non-frozen) leaf: (a, b) for a
+    low-rank leaf, eps of the leaf's shape otherwise. Equal to `draw` (split / reshaped); the
+    forward (`member_noise`) calls it per member and the update (`strategy.tell`) vmaps it over
+    leaves x pairs, so both read exactly the same noise. Low-rank factors are sliced straight
+    from the table (no slice of a gathered copy)."""
+    size = plan.size(leaf)
+    if table is None:
+        v = draw(None, lkey, epoch, pair, size)
+        return split_factors(v, leaf.shape, plan.rank) if leaf.kind == LOWRANK else v.reshape(leaf.shape)
+    offset = table_offset(lkey, epoch, pair, table_span(table, size), size)
+    if leaf.kind == LOWRANK:
+        return lowrank_at(table, offset, leaf.shape, plan.rank)
+    return draw_at(table, offset, size).reshape(leaf.shape)
+
+
 def member_noise(plan: NoisePlan, key, table, generation, sigma, member):
     """Noise handles (a pytree shaped like params) for one population member."""
     epoch = epoch_of(plan, generation)
     pair, sign = member_coords(plan, member)
-    active = [leaf for leaf in plan.leaves if leaf.kind != FROZEN]
-    offsets = {}
-    if table is not None and active:
-        # every leaf's offset in one call (the leaf keys do not depend on the member)
-        sizes = np.asarray([plan.size(leaf) for leaf in active], np.int32)
-        spans = np.asarray([table_span(table, int(n)) for n in sizes], np.int32)
-        offs = table_offset(leaf_keys(key, active), epoch, pair, spans, sizes)
-        offsets = {leaf.path: offs[j] for j, leaf in enumerate(active)}
     out = []
     for leaf in plan.leaves:
         if leaf.kind == FROZEN:
             out.append(None)
-        elif table is not None and leaf.kind == LOWRANK:
-            a, b = lowrank_at(table, offsets[leaf.path], leaf.shape, plan.rank)
-            out.append(LowRank(a, b, sign * sigma / math.sqrt(plan.rank)))
-        elif table is not None:
-            v = draw_at(table, offsets[leaf.path], plan.size(leaf))
-            out.append(Full(v.reshape(leaf.shape), sign * sigma))
+            continue
+        z = direction_noise(plan, table, leaf_key(key, leaf), epoch, pair, leaf)
+        if leaf.kind == LOWRANK:
+            out.append(LowRank(*z, sign * sigma / math.sqrt(plan.rank)))
         else:
-            v = draw(None, leaf_key(key, leaf), epoch, pair, plan.size(leaf))
-            if leaf.kind == LOWRANK:
-                a, b = split_factors(v, leaf.shape, plan.rank)
-                out.append(LowRank(a, b, sign * sigma / math.sqrt(plan.rank)))
-            else:
-                out.append(Full(v.reshape(leaf.shape), sign * sigma))
+            out.append(Full(z, sign * sigma))
     return jax.tree_util.tree_unflatten(plan.treedef, out)
 
 

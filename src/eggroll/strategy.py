@@ -21,7 +21,6 @@ compile time does not grow with depth. No per-member full-size matrix is ever bu
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -167,33 +166,23 @@ def _es_gradient(state: ESState, coef, n_dirs, update_chunk):
             raise ValueError(f"update_chunk {chunk} must divide the number of noise directions {n_dirs}")
         pairs = jnp.arange(n_dirs, dtype=jnp.int32).reshape(-1, chunk)
         coefs = coef.reshape(-1, chunk)
-        draw_all = jax.vmap(jax.vmap(nz.draw, (None, None, None, 0, None)), (None, 0, None, None, None))
-        if kind == nz.LOWRANK:
-            at_one = functools.partial(nz.lowrank_at, shape=shape, rank=plan.rank)
-        else:
-            at_one = functools.partial(nz.draw_at, size=size)
-        at_all = jax.vmap(jax.vmap(at_one, (None, 0)), (None, 0))  # (table, offsets (L, chunk))
+        leaf = plan.leaves[idx[0]]  # the bucket's leaves differ only in their keys
+        # (L leaf keys) x (chunk pairs) -> noise of every direction: the forward's own function
+        noise_all = jax.vmap(jax.vmap(nz.direction_noise, (None, None, None, None, 0, None)),
+                             (None, None, 0, None, None, None))
 
-        def body(acc, xs, kind=kind, shape=shape, size=size, lkeys=lkeys, at_all=at_all):
+        def body(acc, xs, kind=kind, shape=shape, lkeys=lkeys, leaf=leaf):
             p, c = xs
-            if state.table is not None:
-                # the forward's offsets (nz.table_offset) for all leaves x chunk in one call
-                offs = nz.table_offset(lkeys[:, None, :], epoch, p[None, :], nz.table_span(state.table, size), size)
-                if kind == nz.LOWRANK:
-                    a, b = at_all(state.table, offs)  # (L, c, d0, r), (L, c, d1, r)
-                else:
-                    v = at_all(state.table, offs)  # (L, chunk, size)
-            else:
-                v = draw_all(state.table, lkeys, epoch, p, size)  # (L, chunk, size)
-                if kind == nz.LOWRANK:
-                    a, b = nz.split_factors(v, shape, plan.rank)
+            z = noise_all(plan, state.table, lkeys, epoch, p, leaf)
             if kind == nz.LOWRANK:
+                a, b = z  # (L, c, d0, r), (L, c, d1, r)
                 # scale the factor gathered in its natural layout (XLA transposes the other one
                 # into the GEMM operand; per-element work there is kept to the gather alone)
                 b = b * (c / math.sqrt(plan.rank))[None, :, None, None]
                 # sum over (chunk, rank) of outer products: one batched GEMM per bucket
                 upd = jnp.einsum("lcir,lcjr->lij", a, b, preferred_element_type=jnp.float32)
             else:
+                v = z.reshape(*z.shape[:2], -1)  # (L, chunk, size)
                 upd = jnp.einsum("c,lcn->ln", c, v, preferred_element_type=jnp.float32).reshape(len(lkeys), *shape)
             return acc + upd, None
 
