@@ -1,9 +1,10 @@
-"""Command line: `eggroll train RECIPE [flags]`, `eggroll bench NAME [flags]`, `eggroll list`.
+"""Command line: `eggroll train RECIPE [flags]`, `eggroll bench NAME [flags]`, `eggroll TOOL [flags]`,
+`eggroll list`.
 
-Recipes (RECIPES below) each expose a `Config` dataclass and `run(cfg) -> dict`; their
-flags are generated from the dataclass fields, so `eggroll train cartpole --help` lists them.
-Benchmarks (BENCHES) expose `Config` and `run(cfg) -> dict` the same way and print
-one JSON object as their last line.
+Recipes (RECIPES below), benchmarks (BENCHES) and stand-alone tools (TOOLS, e.g. `eggroll sample`)
+each expose a `Config` dataclass and `run(cfg) -> dict`; their flags are generated from the
+dataclass fields, so `eggroll train cartpole --help` lists them. The result dict is printed as
+one JSON object on the last line.
 """
 
 from __future__ import annotations
@@ -17,9 +18,15 @@ import typing
 
 # name -> (module, one-line description). Modules are imported only when their command runs,
 # so a recipe's optional dependencies never break the others (or `eggroll --help`).
-RECIPES = {"cartpole": ("eggroll.recipes.cartpole", "MLP policy on gymnax CartPole-v1 (EGGROLL or OpenES)")}
-BENCHES = {"throughput": ("eggroll.bench.throughput",
-                          "population forward / update / generation vs batched inference and OpenES")}
+# One entry per line, please: each recipe / bench / tool adds exactly one line here.
+RECIPES = {
+    "cartpole": ("eggroll.recipes.cartpole", "MLP policy on gymnax CartPole-v1 (EGGROLL or OpenES)"),
+}
+BENCHES = {
+    "throughput": ("eggroll.bench.throughput", "population forward / update / generation vs batched inference and OpenES"),
+}
+TOOLS = {
+}
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
@@ -53,26 +60,34 @@ def main(argv=None) -> int:
                                      ("bench", BENCHES, "run a benchmark (last line of output is JSON)")):
         group = sub.add_parser(command, help=helptext).add_subparsers(dest="name", required=True)
         groups[command] = {name: group.add_parser(name, help=desc, add_help=False) for name, (_, desc) in table.items()}
-    sub.add_parser("list", help="list recipes and benchmarks")
+    for name, (_, desc) in TOOLS.items():
+        sub.add_parser(name, help=desc, add_help=False)
+    sub.add_parser("list", help="list recipes, benchmarks and tools")
     args, _ = parser.parse_known_args(argv)
     if args.command == "list":
-        print(json.dumps({"recipes": sorted(RECIPES), "benches": sorted(BENCHES)}))
+        print(json.dumps({"recipes": sorted(RECIPES), "benches": sorted(BENCHES), "tools": sorted(TOOLS)}))
         return 0
     # second stage: the chosen module's own flags (its Config fields), parsed strictly
-    modname = (RECIPES if args.command == "train" else BENCHES)[args.name][0]
+    if args.command in TOOLS:
+        args.name, modname, label = args.command, TOOLS[args.command][0], args.command
+        rest = argv[argv.index(args.command) + 1:]
+    else:
+        modname = (RECIPES if args.command == "train" else BENCHES)[args.name][0]
+        label = f"{args.command} {args.name}"
+        rest = argv[argv.index(args.name) + 1:]
     mod = importlib.import_module(modname)
-    own = argparse.ArgumentParser(prog=f"eggroll {args.command} {args.name}",
+    own = argparse.ArgumentParser(prog=f"eggroll {label}",
                                   description=(mod.__doc__ or "").strip().splitlines()[0])
     _add_dataclass_flags(own, mod.Config)
-    ns = own.parse_args(argv[argv.index(args.name) + 1:])
+    ns = own.parse_args(rest)
     try:
         result = mod.run(_parse_into(mod.Config, ns))
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as e:
         # bad flags / config: one clear line, not a traceback
-        print(f"eggroll {args.command} {args.name}: error: {e}", file=sys.stderr)
+        print(f"eggroll {label}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"eggroll {args.command} {args.name}: interrupted (resume with --resume where supported)", file=sys.stderr)
+        print(f"eggroll {label}: interrupted (resume with --resume where supported)", file=sys.stderr)
         return 130
     print(json.dumps(result))
     return 0
