@@ -1,6 +1,11 @@
 """Command line: `eggroll train RECIPE [flags]`, `eggroll bench NAME [flags]`, `eggroll TOOL [flags]`,
 `eggroll list`.
 
+Several processes / machines (docs/DISTRIBUTED.md): `--coordinator HOST:PORT --num-processes P
+--process-id I` anywhere on the command line (or EGGROLL_COORDINATOR / EGGROLL_NUM_PROCESSES /
+EGGROLL_PROCESS_ID, or a Slurm job step with several tasks) initialise jax.distributed before
+the recipe runs; `--peer-timeout S` bounds how long a process waits for a dead peer.
+
 Recipes (RECIPES below), benchmarks (BENCHES) and stand-alone tools (TOOLS, e.g. `eggroll sample`)
 each expose a `Config` dataclass and `run(cfg) -> dict`; their flags are generated from the
 dataclass fields, so `eggroll train cartpole --help` lists them. The result dict is printed as
@@ -13,6 +18,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 import typing
 
@@ -51,9 +57,31 @@ def _parse_into(cls, ns) -> object:
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
+def _distributed_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("several processes (jax.distributed; docs/DISTRIBUTED.md)")
+    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (env EGGROLL_COORDINATOR)")
+    g.add_argument("--num-processes", type=int, default=None, help="number of processes (env EGGROLL_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=None, help="this process, 0..P-1 (env EGGROLL_PROCESS_ID)")
+    g.add_argument("--peer-timeout", type=float, default=None,
+                   help="seconds without a peer's heartbeat before giving up (default 30; env EGGROLL_PEER_TIMEOUT)")
+
+
+def _exit(code: int, multi: bool) -> int:
+    if multi:  # never wait in jax's shutdown barrier for peers that may be stuck waiting for us
+        from . import distributed
+
+        distributed.exit_now(code)
+    return code
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # the distributed flags may appear anywhere; take them out before the per-module parsing
+    dist_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    _distributed_flags(dist_parser)
+    dist, argv = dist_parser.parse_known_args(argv)
     parser = argparse.ArgumentParser(prog="eggroll", description="Evolution strategies with low-rank perturbations (EGGROLL) in JAX.")
+    _distributed_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     groups = {}
     for command, table, helptext in (("train", RECIPES, "run a training recipe"),
@@ -75,20 +103,34 @@ def main(argv=None) -> int:
         modname = (RECIPES if args.command == "train" else BENCHES)[args.name][0]
         label = f"{args.command} {args.name}"
         rest = argv[argv.index(args.name) + 1:]
+    from . import distributed
+
+    try:
+        launch = distributed.resolve(dist.coordinator, dist.num_processes, dist.process_id)
+        peer_timeout = dist.peer_timeout or float(os.environ.get("EGGROLL_PEER_TIMEOUT") or distributed.DEFAULT_PEER_TIMEOUT)
+    except ValueError as e:
+        print(f"eggroll: error: {e}", file=sys.stderr)
+        return 2
+    multi = launch.num_processes > 1
+    if multi and "-h" not in rest and "--help" not in rest:
+        distributed.initialize(launch, peer_timeout=peer_timeout)  # before anything touches a device
     mod = importlib.import_module(modname)
     own = argparse.ArgumentParser(prog=f"eggroll {label}",
                                   description=(mod.__doc__ or "").strip().splitlines()[0])
     _add_dataclass_flags(own, mod.Config)
     ns = own.parse_args(rest)
     try:
-        result = mod.run(_parse_into(mod.Config, ns))
-    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as e:
-        # bad flags / config: one clear line, not a traceback
-        print(f"eggroll {label}: error: {e}", file=sys.stderr)
-        return 2
+        with distributed.exit_on_peer_failure(f"eggroll {label}"):
+            try:
+                result = mod.run(_parse_into(mod.Config, ns))
+            except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as e:
+                # bad flags / config: one clear line, not a traceback
+                print(f"eggroll {label}: error: {e}", file=sys.stderr)
+                return _exit(2, multi)
     except KeyboardInterrupt:
         print(f"eggroll {label}: interrupted (resume with --resume where supported)", file=sys.stderr)
-        return 130
+        return _exit(130, multi)
+    distributed.finish()
     print(json.dumps(result))
     return 0
 

@@ -7,6 +7,11 @@ Member m's result depends only on m (its noise is addressed by its index), so re
 depend on the chunk size or device count; the only thing that crosses devices is the all-gather
 of the results (N scalars per fitness output), after which every device holds the full vector
 and computes the same update.
+
+Several processes (jax.distributed, see eggroll.distributed): the default mesh spans the devices
+of every process (jax.devices()), in process order, so process p evaluates a contiguous block of
+members and the all-gather is the only cross-host traffic. Inputs must then be replicated on
+that mesh (eggroll.distributed.replicate). With one process jax.devices() is the local devices.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ _NO_CHECK = {"check_vma": False} if "check_vma" in inspect.signature(_shard_map)
 
 
 def population_mesh(devices: Sequence | None = None) -> Mesh:
-    """A 1-D mesh over `devices` (default: all local devices) with axis name 'population'."""
-    devices = list(devices) if devices is not None else jax.local_devices()
+    """A 1-D mesh over `devices` (default: every device of every process) with axis name
+    'population'."""
+    devices = list(devices) if devices is not None else jax.devices()
     return Mesh(np.asarray(devices), (AXIS,))
 
 
@@ -51,7 +57,7 @@ def evaluate_population(fitness_fn: Callable, population: int, *, chunk: int | N
 
     chunk: members evaluated together by vmap on one device (None: all of that device's share);
     must divide population / n_devices. mesh / devices: where to shard the population (default
-    all local devices). Call it inside jit: the whole generation compiles to one program."""
+    every device of every process). Call it inside jit: the whole generation compiles to one program."""
     if mesh is None:
         mesh = population_mesh(devices)
     n_dev = mesh.shape[AXIS]

@@ -21,6 +21,13 @@ config.json, result.json and checkpoint/ (params, optimizer state, ES state, the
 and, in its metadata, the generation, env steps and wall clock). Every random number is a
 function of the seed and the checkpointed state, so `--resume` reproduces an uninterrupted run
 bit for bit.
+
+Several processes (`--coordinator HOST:PORT --num-processes P --process-id I`, see
+docs/DISTRIBUTED.md): the population is split over every device of every process, only the
+fitness (and episode lengths) are all-gathered, and every process applies the same update.
+Process 0 writes the run directory; every process can read the checkpoint to resume. Each
+metrics record carries `comm_bytes_per_process`: the bytes one process contributes to the
+generation's collectives, measured from the compiled program.
 """
 
 from __future__ import annotations
@@ -28,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from .. import distributed
 from ..models.mlp import ACTIVATIONS, init_mlp, mlp
 from ..population import evaluate_population, population_mesh
-from ..runlog import RunLog
 from ..shaping import SHAPINGS
 from ..strategy import STRATEGIES
 
@@ -69,7 +73,7 @@ def _arg(default, help: str, choices=None):
 @dataclass
 class Config:
     strategy: str = _arg("eggroll", "evolution strategy", STRATEGIES)
-    population: int = _arg(64, "population size (even; a multiple of the device count)")
+    population: int = _arg(64, "population size (even; a multiple of the device count, all processes)")
     sigma: float = _arg(0.2, "noise scale")
     rank: int = _arg(1, "rank of the EGGROLL perturbations (ignored by open_es)")
     lr: float = _arg(0.05, "learning rate")
@@ -121,9 +125,10 @@ def validate(cfg: Config) -> Config:
          f"shaping must be one of {sorted(set(SHAPINGS) - {'group_z_score'})}, got {cfg.shaping!r}")
     need(isinstance(cfg.population, int) and cfg.population >= 2, f"population must be an integer >= 2, got {cfg.population!r}")
     need(not cfg.antithetic or cfg.population % 2 == 0, f"antithetic sampling needs an even population, got {cfg.population}")
-    n_dev = jax.local_device_count()
+    n_dev = jax.device_count()  # every device of every process shares the population
     need(cfg.population % n_dev == 0,
-         f"population {cfg.population} must be a multiple of the {n_dev} local devices")
+         f"population {cfg.population} must be a multiple of the {n_dev} devices"
+         + (f" of all {jax.process_count()} processes" if jax.process_count() > 1 else ""))
     need(cfg.chunk >= 0 and (cfg.chunk == 0 or (cfg.population // n_dev) % cfg.chunk == 0),
          f"chunk {cfg.chunk} must be 0 or divide the per-device population {cfg.population // n_dev}")
     need(math.isfinite(cfg.sigma) and cfg.sigma > 0, f"sigma must be a finite number > 0, got {cfg.sigma}")
@@ -164,6 +169,7 @@ class Train(NamedTuple):
     step: Callable  # TrainState -> (TrainState, metrics): one generation, one jitted call
     evaluate: Callable  # jitted: (params, generation) -> (eval_episodes,) returns of the mean policy
     rollout: Callable  # (params, noise, key) -> (return, length) of one episode
+    communication: Callable  # TrainState -> bytes a generation sends (distributed.communication)
 
 
 def make_train(cfg: Config) -> Train:
@@ -240,14 +246,12 @@ def make_train(cfg: Config) -> Train:
         params = init_mlp(k_params, sizes)
         return params, optimizer.init(params)
 
-    # With several devices every array lives replicated on all of them: the jitted functions
-    # then see the same input shardings on every call (no recompiles) and the noise table is
-    # not broadcast to the devices again each generation. Placing a placed array is free.
-    if jax.local_device_count() > 1:
-        replicated = NamedSharding(population_mesh(), PartitionSpec())
-        place = lambda tree: jax.device_put(tree, replicated)  # noqa: E731
-    else:
-        place = lambda tree: tree  # noqa: E731
+    # With several devices (of one or several processes) every array lives replicated on all of
+    # them: the jitted functions then see the same input shardings on every call (no recompiles)
+    # and the noise table is not broadcast to the devices again each generation. Placing a
+    # placed array is free.
+    mesh = population_mesh()
+    place = lambda tree: distributed.replicate(tree, mesh)  # noqa: E731
     generation_jit, evaluate_jit, init_params_jit = jax.jit(generation), jax.jit(evaluate), jax.jit(init_params)
 
     def step_fn(ts: TrainState):
@@ -262,7 +266,11 @@ def make_train(cfg: Config) -> Train:
         params, opt_state = init_params_jit()  # one small compile instead of many eager ops
         return place(TrainState(params, opt_state, es.init(k_es, params), k_rollout))
 
-    return Train(cfg, env, env_params, es, optimizer, init, step_fn, evaluate_fn, rollout)
+    def communication(ts: TrainState) -> dict:
+        n_params = sum(np.size(x) for x in jax.tree_util.tree_leaves(ts.params))
+        return distributed.communication(generation_jit, place(ts), n_params=n_params, mesh=mesh)
+
+    return Train(cfg, env, env_params, es, optimizer, init, step_fn, evaluate_fn, rollout, communication)
 
 
 def _global_norm(tree):
@@ -291,23 +299,24 @@ def run(cfg: Config) -> dict:
     state = train.init()
 
     meta: dict = {}
+    have_checkpoint = distributed.checkpoint_exists(ckpt_dir)  # the same answer on every process
     if cfg.resume:
-        if (ckpt_dir / "arrays.safetensors").exists():
+        if have_checkpoint:
             # compare configs first: clearer than a tensor-shape mismatch from load_checkpoint
             saved = json.loads((ckpt_dir / "meta.json").read_text()).get("metadata", {})
             bad = _resume_mismatch(cfg, saved.get("config", {}))
             if bad:
                 raise ValueError(f"cannot resume {ckpt_dir}: the config differs in fields that change "
                                  f"training ({'; '.join(bad)}); use the original values or a new run_dir")
-            state, meta = load_checkpoint(ckpt_dir, state)
+            state, meta = distributed.load_checkpoint(ckpt_dir, state)
         else:
-            print(f"[cartpole] --resume: no checkpoint in {ckpt_dir}, starting from scratch", file=sys.stderr)
-    elif (ckpt_dir / "arrays.safetensors").exists():
-        print(f"[cartpole] starting a fresh run in {run_dir}; its checkpoint will be overwritten "
-              "(--resume continues it instead)", file=sys.stderr)
+            distributed.say(f"[cartpole] --resume: no checkpoint in {ckpt_dir}, starting from scratch")
+    elif have_checkpoint:
+        distributed.say(f"[cartpole] starting a fresh run in {run_dir}; its checkpoint will be overwritten "
+                        "(--resume continues it instead)")
     start = int(meta.get("generation", 0))
 
-    log = RunLog(run_dir, total=cfg.generations, resume_from=start if meta else None,
+    log = distributed.run_log(run_dir, total=cfg.generations, resume_from=start if meta else None,
                  wall_offset=meta.get("wall_s"), plot_keys=[("eval_return", "fitness_mean", "fitness_max")],
                  postfix_keys=["eval_return", "fitness_mean"], progress=None if cfg.progress else False,
                  desc=f"cartpole {cfg.strategy}", title=f"CartPole-v1, {cfg.strategy}, population {cfg.population}",
@@ -323,8 +332,11 @@ def run(cfg: Config) -> dict:
     solved = eval_return is not None and eval_return >= cfg.target_return
     last_plot = time.perf_counter()
 
-    def checkpoint():
-        save_checkpoint(ckpt_dir, state,
+    comm = train.communication(state)
+    comm_rec = {k: v for k, v in comm.items() if k in ("comm_bytes_per_process", "comm_bytes_sent_per_process")}
+
+    def checkpoint():  # process 0 writes; every process checks that its replica agrees
+        distributed.save_checkpoint(ckpt_dir, state,
                         {"generation": gen, "env_steps": env_steps, "wall_s": log.elapsed,
                          "eval_return": eval_return, "eval_generation": eval_gen, "solved": solved,
                          "config": dataclasses.asdict(cfg)})
@@ -337,6 +349,7 @@ def run(cfg: Config) -> dict:
             env_steps += int(m.pop("env_steps"))
             rec = {k: float(v) for k, v in m.items()}
             rec["env_steps"] = env_steps
+            rec.update(comm_rec)
             if gen % cfg.eval_every == 0 or gen == cfg.generations:
                 eval_return, eval_gen = float(train.evaluate(state.params, gen).mean()), gen
                 rec["eval_return"] = eval_return
@@ -361,6 +374,9 @@ def run(cfg: Config) -> dict:
             "population": cfg.population,
             "num_params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params))),
             "run_dir": str(run_dir),
+            "processes": jax.process_count(),
+            "devices": jax.device_count(),
+            "communication": comm,
         }
         log.write_json("result", result)
     finally:
