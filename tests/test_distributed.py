@@ -301,8 +301,10 @@ def test_cartpole_processes_match_single_process(tmp_path, capsys, processes, de
     assert_trees_equal(a, b)
     # every record carries the per-process communication, measured from the compiled program:
     # 16 members x (f32 return + s32 episode length) / 4 devices per device
-    rec = [r for r in json.loads("[" + ",".join((run / "metrics.jsonl").read_text().split()) + "]")
-           if r["generation"] > 0]
+    from eggroll.runlog import read_metrics
+
+    rec = [r for r in read_metrics(run) if r["generation"] > 0]
+    assert len(rec) == 3
     assert all(r["comm_bytes_per_process"] == (16 // 4) * 8 * devices for r in rec)
     assert results[0]["communication"]["comm_bytes_sent_per_process"] == 16 * 8 * (processes - 1) // processes
 
@@ -324,3 +326,29 @@ def test_cartpole_kill_and_resume_matches_uninterrupted(tmp_path, capsys):
     assert meta_a["generation"] == meta_b["generation"] == total
     assert_trees_equal(a, b)
     assert _last_json(logs[0])["env_steps"] == ref["env_steps"]
+
+
+# --------------------------------------------------------------------------- the scaling bench
+
+def test_scaling_bench_rejects_bad_configs():
+    from eggroll.bench import scaling
+
+    with pytest.raises(ValueError, match="multiple"):
+        scaling.run(scaling.Config(population=6, devices="1,4"))
+    with pytest.raises(ValueError, match="positive"):
+        scaling.run(scaling.Config(devices="0"))
+
+
+@pytest.mark.slow
+def test_scaling_bench_tiny():
+    from eggroll.bench import scaling
+
+    r = scaling.run(scaling.Config(width=64, width_small=16, population=16, reps=1, devices="1,2", processes=2))
+    assert r["comm_independent_of_model_size"]
+    assert r["comm"]["1dev"]["large"]["comm_bytes_per_process"] == 0  # one device: nothing to gather
+    assert r["comm"]["2dev"]["large"]["comm_bytes_per_process"] == 16 * 4  # N float32 fitnesses
+    assert r["comm"]["2proc"]["large"]["comm_bytes_per_process"] == 8 * 4  # each process: its half
+    assert r["comm"]["2proc"]["large"]["comm_bytes_sent_per_process"] == 8 * 4
+    assert r["comm"]["2proc"]["large"]["sgd_bf16_bytes"] == 2 * r["comm"]["2proc"]["large"]["num_params"]
+    for row in r["scaling"].values():
+        assert row["gen_ms"] > 0 and row["speedup"] > 0

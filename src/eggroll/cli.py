@@ -30,6 +30,7 @@ RECIPES = {
 }
 BENCHES = {
     "throughput": ("eggroll.bench.throughput", "population forward / update / generation vs batched inference and OpenES"),
+    "scaling": ("eggroll.bench.scaling", "bytes sent per generation (two model sizes) and population-step scaling over 1, 2, 4 devices / 2 processes"),
 }
 TOOLS = {
 }
