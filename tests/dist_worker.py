@@ -6,7 +6,8 @@
 An MLP (4 -> 8 -> 1) fits a fixed regression target; population 16 over every device of every
 process; the state is replicated on the population mesh; each generation blocks once (CPU
 collectives must not run ahead under async dispatch). Each process writes DIR/params_<id>.npz
-and DIR/host_<id>.npy (a host-side fitness gathered with distributed.host_fitness); DIR/progress
+DIR/host_<id>.npy (a host-side fitness gathered with distributed.host_fitness) and
+DIR/members_<id>.npy (the members this process scored on host); DIR/progress
 holds the last finished generation (process 0). `train(generations)` runs the same loop
 in-process (the single-process reference).
 """
@@ -84,7 +85,14 @@ def main(argv=None) -> int:
         params = train(a.generations, a.sleep, out / "progress")
         leaves = {f"l{i}": v for i, v in enumerate(_leaves(params))}
         np.savez(out / f"params_{launch.process_id}.npz", **leaves)
-        np.save(out / f"host_{launch.process_id}.npy", distributed.host_fitness(host_member_fitness, POPULATION))
+        seen = []
+
+        def score(members):  # record which members this process evaluated
+            seen.extend(members.tolist())
+            return host_member_fitness(members)
+
+        np.save(out / f"host_{launch.process_id}.npy", distributed.host_fitness(score, POPULATION))
+        np.save(out / f"members_{launch.process_id}.npy", np.asarray(seen))
         distributed.barrier("done")
     distributed.finish()
     return 0

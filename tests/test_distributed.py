@@ -194,6 +194,11 @@ def test_processes_match_single_process_bitwise(tmp_path, worker_reference, proc
         for j, x in enumerate(ref):
             np.testing.assert_array_equal(got[f"l{j}"], x)
         np.testing.assert_array_equal(np.load(tmp_path / f"host_{i}.npy"), ref_host)
+    # the host fitness was computed once per member, each process on its own contiguous shard
+    shards = [np.load(tmp_path / f"members_{i}.npy") for i in range(processes)]
+    per = len(ref_host) // processes
+    for i, shard in enumerate(shards):
+        np.testing.assert_array_equal(shard, np.arange(i * per, (i + 1) * per))
 
 
 def _survivor_exits_with_message(procs, logs, victim, how, limit=60.0):
@@ -209,6 +214,7 @@ def _survivor_exits_with_message(procs, logs, victim, how, limit=60.0):
         for p in procs:
             p.wait()
     took = time.monotonic() - t0
+    print(f"survivor exited {took:.1f} s after the peer was hit")
     text = logs[survivor].read_text()
     assert procs[survivor].returncode == dist.EXIT_PEER_LOST, text[-3000:]
     assert took < limit, took
