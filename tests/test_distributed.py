@@ -104,6 +104,14 @@ def test_resolve_rejects_bad_launches(kwargs, match):
         dist.resolve(environ={"EGGROLL_NUM_PROCESSES": "two"})
 
 
+def test_cli_rejects_an_incomplete_launch(capsys):
+    from eggroll import cli
+
+    assert cli.main(["train", "cartpole", "--generations", "1", "--num-processes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--coordinator HOST:PORT" in err and "Traceback" not in err
+
+
 def test_slurm_detection():
     env = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8", "SLURM_PROCID": "5",
            "SLURM_STEP_NODELIST": "gpu[007-010,012],cpu1"}

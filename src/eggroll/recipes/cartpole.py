@@ -317,10 +317,10 @@ def run(cfg: Config) -> dict:
     start = int(meta.get("generation", 0))
 
     log = distributed.run_log(run_dir, total=cfg.generations, resume_from=start if meta else None,
-                 wall_offset=meta.get("wall_s"), plot_keys=[("eval_return", "fitness_mean", "fitness_max")],
-                 postfix_keys=["eval_return", "fitness_mean"], progress=None if cfg.progress else False,
-                 desc=f"cartpole {cfg.strategy}", title=f"CartPole-v1, {cfg.strategy}, population {cfg.population}",
-                 start_time=t0)  # the wall clock includes set-up and compilation
+                              wall_offset=meta.get("wall_s"), plot_keys=[("eval_return", "fitness_mean", "fitness_max")],
+                              postfix_keys=["eval_return", "fitness_mean"], progress=None if cfg.progress else False,
+                              desc=f"cartpole {cfg.strategy}", title=f"CartPole-v1, {cfg.strategy}, population {cfg.population}",
+                              start_time=t0)  # the wall clock includes set-up and compilation
     log.write_json("config", dataclasses.asdict(cfg))
 
     gen = start
@@ -337,9 +337,9 @@ def run(cfg: Config) -> dict:
 
     def checkpoint():  # process 0 writes; every process checks that its replica agrees
         distributed.save_checkpoint(ckpt_dir, state,
-                        {"generation": gen, "env_steps": env_steps, "wall_s": log.elapsed,
-                         "eval_return": eval_return, "eval_generation": eval_gen, "solved": solved,
-                         "config": dataclasses.asdict(cfg)})
+                                    {"generation": gen, "env_steps": env_steps, "wall_s": log.elapsed,
+                                     "eval_return": eval_return, "eval_generation": eval_gen, "solved": solved,
+                                     "config": dataclasses.asdict(cfg)})
 
     try:
         while gen < cfg.generations and not solved:
