@@ -93,9 +93,35 @@ def main(argv=None) -> int:
 
         np.save(out / f"host_{launch.process_id}.npy", distributed.host_fitness(score, POPULATION))
         np.save(out / f"members_{launch.process_id}.npy", np.asarray(seen))
+        (out / f"checks_{launch.process_id}.txt").write_text("\n".join(_failure_checks(params, out, launch.process_id)))
         distributed.barrier("done")
     distributed.finish()
     return 0
+
+
+def _failure_checks(params, out: Path, pid: int) -> list[str]:
+    """The cross-process safety checks must catch what they are for: replicas that differ, and
+    a checkpoint that only some processes can see. Returns one line per check."""
+    from eggroll import distributed
+
+    lines = []
+    distributed.check_replicas_agree(params)  # the real replicas agree: no error
+    lines.append("agree: ok")
+    try:
+        distributed.check_replicas_agree(np.float32(pid))  # differs between processes
+        lines.append("differ: not caught")
+    except RuntimeError as e:
+        lines.append(f"differ: {e}")
+    local = out / f"ckpt_only_on_{pid}"
+    if pid == 0:  # a checkpoint that process 0 sees and the others do not
+        local.mkdir(exist_ok=True)
+        (local / "arrays.safetensors").write_bytes(b"")
+    try:
+        distributed.checkpoint_exists(local)
+        lines.append("missing: not caught")
+    except FileNotFoundError as e:
+        lines.append(f"missing: {e}")
+    return lines
 
 
 def _leaves(tree):

@@ -202,6 +202,10 @@ def test_processes_match_single_process_bitwise(tmp_path, worker_reference, proc
         for j, x in enumerate(ref):
             np.testing.assert_array_equal(got[f"l{j}"], x)
         np.testing.assert_array_equal(np.load(tmp_path / f"host_{i}.npy"), ref_host)
+        checks = (tmp_path / f"checks_{i}.txt").read_text().splitlines()
+        assert checks[0] == "agree: ok"
+        assert checks[1].startswith("differ: the processes hold different"), checks
+        assert checks[2].startswith("missing: ") and "not on process(es) [1" in checks[2], checks
     # the host fitness was computed once per member, each process on its own contiguous shard
     shards = [np.load(tmp_path / f"members_{i}.npy") for i in range(processes)]
     per = len(ref_host) // processes
