@@ -258,3 +258,17 @@ def test_missing_datasets_package_is_explained(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(ModuleNotFoundError, match=r"eggroll-jax\[text\]"):
         load_corpus("someone/some-corpus", tmp_path)
+
+
+def test_corpus_cli(tmp_path, capsys):
+    from eggroll import cli
+
+    f = tmp_path / "notes.jsonl"
+    f.write_text("\n".join(json.dumps({"text": f"note number {i}"}) for i in range(25)))
+    assert cli.main(["corpus", "--dataset", str(f), "--cache-dir", str(tmp_path / "c")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    splits = load_corpus(str(f), tmp_path / "c")
+    assert out["train_bytes"] == len(splits.train) and out["valid_documents"] == 1
+    assert out["bigram_valid_bits_per_byte"] == ngram_bits_per_byte(splits)["bigram_valid"]
+    assert cli.main(["corpus", "--dataset", str(tmp_path / "missing.txt"), "--cache-dir", str(tmp_path)]) == 2
+    assert "unknown dataset" in capsys.readouterr().err

@@ -27,6 +27,7 @@ BENCHES = {
     "throughput": ("eggroll.bench.throughput", "population forward / update / generation vs batched inference and OpenES"),
 }
 TOOLS = {
+    "corpus": ("eggroll.tasks.text", "convert a text corpus into the byte cache; print split sizes and n-gram bits/byte"),
 }
 
 
