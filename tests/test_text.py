@@ -272,3 +272,19 @@ def test_corpus_cli(tmp_path, capsys):
     assert out["bigram_valid_bits_per_byte"] == ngram_bits_per_byte(splits)["bigram_valid"]
     assert cli.main(["corpus", "--dataset", str(tmp_path / "missing.txt"), "--cache-dir", str(tmp_path)]) == 2
     assert "unknown dataset" in capsys.readouterr().err
+
+
+def test_hf_hub_unreachable_is_explained(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def offline(name, config=None, streaming=False):
+        calls.append((name, config, streaming))
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError, match="cannot load Hugging Face dataset 'JeanKaddour/minipile'"):
+        load_corpus("minipile", tmp_path, max_bytes=1000)
+    with pytest.raises(FileNotFoundError, match="'someone/corpus'"):
+        load_corpus("someone/corpus:en", tmp_path)
+    assert calls == [("JeanKaddour/minipile", None, True), ("someone/corpus", "en", False)]

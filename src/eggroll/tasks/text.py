@@ -212,8 +212,9 @@ def _hf_source(spec: str, text_column: str, streaming: bool) -> _Source:
         else:
             try:
                 ds = datasets.load_dataset(name, config, streaming=streaming)
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"Hugging Face dataset {name!r} not found ({e})") from None
+            except (FileNotFoundError, ConnectionError) as e:  # unknown id, or offline without a cached copy
+                raise FileNotFoundError(f"cannot load Hugging Face dataset {name!r} ({type(e).__name__}: {e}); "
+                                        "check the id and the network, or give a local path") from None
         parts = ds if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)) else {"train": ds}
         named = {s: next((parts[n] for n in _HF_SPLIT_NAMES[s] if n in parts), None) for s in SPLITS}
         if named["train"] is None:
