@@ -21,6 +21,7 @@ import typing
 # One entry per line, please: each recipe / bench / tool adds exactly one line here.
 RECIPES = {
     "cartpole": ("eggroll.recipes.cartpole", "MLP policy on gymnax CartPole-v1 (EGGROLL or OpenES)"),
+    "egg": ("eggroll.recipes.egg", "integer-only (int8) minGRU byte LM pretrained with integer EGGROLL"),
     "egg-backprop": ("eggroll.recipes.egg_backprop", "float32 minGRU byte LM trained by backprop (baseline for EGG)"),
 }
 BENCHES = {
