@@ -68,16 +68,36 @@ def test_training_step_has_no_floats(corpus):
     assert _floating(jax.make_jaxpr(recipe._heldout_bits)(ts.params, jnp.asarray(tr.eval_tokens)))
 
 
-def test_tiny_model_improves_heldout(corpus, tmp_path):
-    full = recipe.run(recipe.Config(**TINY, generations=16, eval_every=8, run_dir=str(tmp_path / "full")), corpus)
-    recs = read_metrics(tmp_path / "full")
-    valid = [r["valid_bits_per_byte"] for r in recs if "valid_bits_per_byte" in r]
+@pytest.fixture(scope="module")
+def tiny_run(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("egg") / "full"
+    result = recipe.run(recipe.Config(**TINY, generations=16, eval_every=8, run_dir=str(run_dir)), corpus)
+    return run_dir, result
+
+
+def test_tiny_model_improves_heldout(tiny_run):
+    run_dir, full = tiny_run
+    valid = [r["valid_bits_per_byte"] for r in read_metrics(run_dir) if "valid_bits_per_byte" in r]
     assert valid[-1] < valid[0] - 1.0, valid  # ~8.9 bits (random init) -> clearly lower
     assert full["valid_bits_per_byte"] == valid[-1]
     for k in ("bigram_valid_bits_per_byte", "unigram_valid_bits_per_byte", "population", "wall_s"):
         assert k in full
     assert full["bigram_valid_bits_per_byte"] < full["unigram_valid_bits_per_byte"]
-    assert (tmp_path / "full" / "curve.png").exists()
+    assert (run_dir / "curve.png").exists()
+
+
+def test_sample_tool(tiny_run, capsys):
+    from eggroll.recipes import egg_sample
+
+    run_dir, _ = tiny_run
+    out = egg_sample.run(egg_sample.Config(checkpoint=str(run_dir), prompt="the ", length=12, quiet=True))
+    assert out["generation"] == 16 and 0 <= out["generated_bytes"] <= 12
+    params, _ = egg_sample.load_model(run_dir / "checkpoint")
+    greedy = [egg_sample.generate(params, b"the ", 8, 0.0, jax.random.PRNGKey(s)) for s in (0, 1)]
+    assert greedy[0] == greedy[1]  # temperature 0 ignores the key
+    assert cli.main(["sample", "--checkpoint", str(run_dir), "--length", "4"]) == 0
+    assert cli.main(["sample", "--checkpoint", str(run_dir / "nowhere")]) == 2
+    assert "no EGG checkpoint" in capsys.readouterr().err
 
 
 def test_resume_after_interruption_is_exact(corpus, tmp_path, monkeypatch):
@@ -128,8 +148,29 @@ def test_config_errors_name_the_problem():
         recipe.validate(recipe.Config(rank=0))
 
 
+def test_population_bench_parses_populations():
+    from eggroll.bench import egg_population
+
+    assert egg_population.populations("64, 512,4096") == [64, 512, 4096]
+    with pytest.raises(ValueError, match="even"):
+        egg_population.populations("63")
+
+
+@pytest.mark.slow
+def test_population_bench_runs(tmp_path):
+    from eggroll.bench import egg_population
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the cat sat on the mat. " * 4000)
+    out = egg_population.run(egg_population.Config(
+        populations="8,32", generations=4, chunk=8, width=8, tokens_per_update=8, dataset=str(text),
+        out_dir=str(tmp_path / "runs")))
+    assert [r["population"] for r in out["rows"]] == [8, 32]
+    assert all(r["peak_rss_mib"] > 0 and r["valid_bits_per_byte"] > 0 for r in out["rows"])
+
+
 def test_cli_registration(capsys):
-    assert "egg" in cli.RECIPES
+    assert "egg" in cli.RECIPES and "egg-population" in cli.BENCHES and "sample" in cli.TOOLS
     with pytest.raises(SystemExit):
         cli.main(["train", "egg", "--help"])
     out = capsys.readouterr().out

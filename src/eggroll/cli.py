@@ -26,8 +26,10 @@ RECIPES = {
 }
 BENCHES = {
     "throughput": ("eggroll.bench.throughput", "population forward / update / generation vs batched inference and OpenES"),
+    "egg-population": ("eggroll.bench.egg_population", "EGG held-out bits/byte and peak RSS vs population (fixed generations, chunk)"),
 }
 TOOLS = {
+    "sample": ("eggroll.recipes.egg_sample", "generate text from a trained EGG checkpoint"),
     "corpus": ("eggroll.tasks.text", "convert a text corpus into the byte cache; print split sizes and n-gram bits/byte"),
 }
 
