@@ -163,9 +163,9 @@ def test_population_bench_runs(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("the cat sat on the mat. " * 4000)
     out = egg_population.run(egg_population.Config(
-        populations="8,32", generations=4, chunk=8, width=8, tokens_per_update=8, dataset=str(text),
+        populations="32,64", generations=4, chunk=8, width=8, tokens_per_update=8, dataset=str(text),
         out_dir=str(tmp_path / "runs")))
-    assert [r["population"] for r in out["rows"]] == [8, 32]
+    assert [r["population"] for r in out["rows"]] == [32, 64]
     assert all(r["peak_rss_mib"] > 0 and r["valid_bits_per_byte"] > 0 for r in out["rows"])
 
 

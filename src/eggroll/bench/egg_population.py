@@ -42,9 +42,10 @@ class Config:
     width: int = _arg(64, "width")
     tokens_per_update: int = _arg(64, "bytes per stream per generation")
     group_size: int = _arg(2, "members per data stream")
-    alpha: float = _arg(0.05, "z-test level at generation 0")
-    alpha_decay: float = _arg(2.0, "alpha decay (bits over the run)")
+    alpha: float = _arg(1.0, "z-test level at generation 0")
+    alpha_decay: float = _arg(6.0, "alpha decay (bits over the run)")
     sigma_shift: int = _arg(4, "sigma = 2^-sigma_shift")
+    fitness: str = _arg("norm", "pair fitness (sign | norm)")
     dataset: str = _arg("stdlib", "corpus")
     seed: int = _arg(0, "seed")
     out_dir: str = _arg("runs/egg-population", "one run directory per population under this")
@@ -70,7 +71,7 @@ def run(cfg: Config) -> dict:
         run_cfg = {"population": p, "generations": cfg.generations, "chunk": min(cfg.chunk, p),
                    "layers": cfg.layers, "width": cfg.width, "tokens_per_update": cfg.tokens_per_update,
                    "group_size": cfg.group_size, "alpha": cfg.alpha, "alpha_decay": cfg.alpha_decay,
-                   "sigma_shift": cfg.sigma_shift, "dataset": cfg.dataset, "seed": cfg.seed,
+                   "sigma_shift": cfg.sigma_shift, "fitness": cfg.fitness, "dataset": cfg.dataset, "seed": cfg.seed,
                    "eval_every": cfg.generations, "checkpoint_every": 0, "progress": False,
                    "run_dir": str(Path(cfg.out_dir) / f"pop{p}")}
         proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(run_cfg)],
