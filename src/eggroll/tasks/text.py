@@ -131,17 +131,17 @@ def _stdlib_files() -> tuple[Path, list[Path]]:
 
 
 def _file_docs(root: Path, files: list[Path], text_column: str):
-    """Keys and a document reader for plain text and JSONL files (one document per JSONL line)."""
-    keys: list[tuple[str, Path, int | None]] = []
-    for p in files:
-        rel = p.relative_to(root).as_posix() if p != root else p.name
-        if p.suffix == ".jsonl":
-            n_lines = sum(1 for ln in p.read_bytes().splitlines() if ln.strip())
-            keys += [(f"{rel}#{i}", p, i) for i in range(n_lines)]
-        else:
-            keys.append((rel, p, None))
-
+    """Document reader for plain text and JSONL files (one document per JSONL line). Nothing is
+    read until the conversion runs, so a cached corpus costs no pass over its source."""
     def docs(is_full=lambda s: False):
+        keys: list[tuple[str, Path, int | None]] = []
+        for p in files:
+            rel = p.relative_to(root).as_posix()
+            if p.suffix == ".jsonl":
+                n_lines = sum(1 for ln in p.read_bytes().splitlines() if ln.strip())
+                keys += [(f"{rel}#{i}", p, i) for i in range(n_lines)]
+            else:
+                keys.append((rel, p, None))
         lines_of: dict = {}
         split = assign_splits([k for k, _, _ in keys]) if len(keys) >= 3 else [None] * len(keys)
         for s, (key, p, line) in zip(split, keys):
@@ -159,7 +159,7 @@ def _file_docs(root: Path, files: list[Path], text_column: str):
                 raise TypeError(f"{p}: line {line + 1} has no string field {text_column!r} "
                                  f"(set text_column to the field holding the text)")
             yield s, key, rec[text_column].encode("utf-8")
-    return keys, docs
+    return docs
 
 
 def _local_files(spec: str) -> tuple[Path, list[Path]]:
@@ -256,7 +256,7 @@ def _resolve(dataset: str, text_column: str, streaming: bool) -> _Source:
         root, files = _stdlib_files()
         fingerprint = {"stdlib": str(root), "python": sys.version, "files": len(files),
                        "bytes": sum(p.stat().st_size for p in files)}
-        _, docs = _file_docs(root, files, text_column)
+        docs = _file_docs(root, files, text_column)
         return _Source("stdlib", "stdlib", fingerprint, docs)
     if dataset.startswith("hf:"):
         return _hf_source(dataset[3:], text_column, streaming)
@@ -267,7 +267,7 @@ def _resolve(dataset: str, text_column: str, streaming: bool) -> _Source:
         return _hf_source(str(path), text_column, streaming)
     if path.exists() or any(c in dataset for c in "*?["):
         root, files = _local_files(str(path))
-        _, docs = _file_docs(root, files, text_column)
+        docs = _file_docs(root, files, text_column)
         return _Source("files", path.name or "files",
                        {"files_root": str(root.resolve()), "files": _files_fingerprint(root, files),
                         "text_column": text_column}, docs)
