@@ -117,6 +117,17 @@ def test_separator_resets_hidden_state(setup):
     assert not np.array_equal(np.asarray(h3), np.asarray(h4))
 
 
+def test_zero_residual_init_silences_the_mlp(setup):
+    key, params, _, _ = setup
+    p0 = egg.init_egg(key, 1, 16, residual_init="zero")
+    assert not np.any(np.asarray(p0["layers"][0]["w2"]))
+    np.testing.assert_array_equal(np.asarray(p0["layers"][0]["w1"]), np.asarray(params["layers"][0]["w1"]))
+    u = jnp.asarray(RNG.integers(-127, 128, 16), jnp.int8)
+    assert not np.any(np.asarray(egg.mlp(p0["layers"][0], u, None, egg.shape_of(p0).shifts)))
+    with pytest.raises(ValueError, match="residual_init"):
+        egg.init_egg(key, 1, 16, residual_init="small")
+
+
 def test_model_is_integer_and_shapes(setup):
     _, params, _, _ = setup
     assert all(x.dtype == jnp.int8 for x in jax.tree_util.tree_leaves(params))

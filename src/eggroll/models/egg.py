@@ -56,8 +56,17 @@ def _weights(key, shape):
     return jnp.clip(jnp.round(jax.random.normal(key, shape) * i8.SCALE), -i8.QMAX, i8.QMAX).astype(jnp.int8)
 
 
-def init_egg(key, layers: int, width: int) -> dict:
-    """Parameters: dict of int8 arrays. Gains start at 16 (1.0), biases at 0."""
+RESIDUAL_INITS = ("normal", "zero")
+
+
+def init_egg(key, layers: int, width: int, residual_init: str = "normal") -> dict:
+    """Parameters: dict of int8 arrays. Weights round(16 N(0, 1)), gains 16 (1.0), biases 0.
+
+    residual_init "zero" starts the MLP's output matrix w2 at zero, so each MLP branch adds
+    nothing to the residual stream until evolution grows it (not in the paper's description;
+    see docs/RESULTS.md for its effect)."""
+    if residual_init not in RESIDUAL_INITS:
+        raise ValueError(f"residual_init must be one of {RESIDUAL_INITS}, got {residual_init!r}")
     if layers < 1 or width < 1:
         raise ValueError(f"EGG needs layers >= 1 and width >= 1, got layers={layers}, width={width}")
     if MLP_MULT * width > i8.MAX_FAN_IN:
@@ -78,6 +87,8 @@ def init_egg(key, layers: int, width: int) -> dict:
             "wh": _weights(k[2], (d, d)), "uh": _weights(k[3], (d, d)), "bh": zero(),
             "ln2": gain(), "w1": _weights(k[4], (MLP_MULT * d, d)), "w2": _weights(k[5], (d, MLP_MULT * d)),
         })
+        if residual_init == "zero":
+            params["layers"][-1]["w2"] = jnp.zeros((d, MLP_MULT * d), jnp.int8)
     params["ln_out"] = gain()
     params["head"] = _weights(keys[1], (VOCAB, d))
     return params

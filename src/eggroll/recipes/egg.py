@@ -49,7 +49,7 @@ from ..models import egg
 from ..population import evaluate_population
 from ..runlog import RunLog
 
-TRAJECTORY_FIELDS = ("population", "layers", "width", "rank", "sigma_shift", "alpha", "alpha_decay",
+TRAJECTORY_FIELDS = ("population", "layers", "width", "residual_init", "rank", "sigma_shift", "alpha", "alpha_decay",
                      "fitness", "tokens_per_update", "group_size", "dataset", "max_bytes", "seed",
                      "generations", "noise_reuse", "table_size")
 
@@ -66,6 +66,7 @@ class Config:
     population: int = _arg(1024, "population size (a multiple of group_size and of the device count)")
     layers: int = _arg(1, "number of GRU+MLP layers")
     width: int = _arg(64, "model width d (MLP hidden 4d)")
+    residual_init: str = _arg("normal", "MLP output weights: normal (round(16 N(0,1))) or zero", egg.RESIDUAL_INITS)
     rank: int = _arg(1, "rank r of the integer low-rank perturbations")
     sigma_shift: int = _arg(4, "noise scale sigma = 2^-sigma_shift")
     alpha: float = _arg(1.0, "z-test level of the update at generation 0 (1: every nonzero Z moves)")
@@ -96,6 +97,8 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ValueError(f"egg config: {msg}")
 
+    need(cfg.residual_init in egg.RESIDUAL_INITS,
+         f"residual_init must be one of {egg.RESIDUAL_INITS}, got {cfg.residual_init!r}")
     need(cfg.layers >= 1 and cfg.width >= 1, f"layers and width must be >= 1, got {cfg.layers}, {cfg.width}")
     need(cfg.group_size >= 2 and cfg.group_size % 2 == 0,
          f"group_size must be even and >= 2 (antithetic pairs share data), got {cfg.group_size}")
@@ -202,7 +205,7 @@ def make_train(cfg: Config, splits=None) -> Train:
     key = jax.random.PRNGKey(cfg.seed)
     k_params, k_noise = jax.random.split(key)
     k_noise = jax.random.key_data(k_noise) if jnp.issubdtype(k_noise.dtype, jax.dtypes.prng_key) else k_noise
-    params0 = egg.init_egg(k_params, cfg.layers, cfg.width)
+    params0 = egg.init_egg(k_params, cfg.layers, cfg.width, cfg.residual_init)
     plan = ist.make_plan(params0, cfg.rank, cfg.noise_reuse)
     n_pairs, n_streams = cfg.population // 2, cfg.population // cfg.group_size
     table = ist.make_table(k_noise, nz.required_table_size(plan, cfg.table_size or None, n_pairs))
