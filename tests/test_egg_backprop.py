@@ -14,7 +14,6 @@ from eggroll.checkpoint import load_checkpoint
 from eggroll.recipes import egg_backprop as eb
 from eggroll.runlog import read_metrics
 
-
 FORWARD = jax.jit(bp.forward)
 
 
@@ -117,6 +116,16 @@ def test_loss_is_next_byte_cross_entropy_in_bits(tiny):
     assert float(loss) == pytest.approx(want, rel=1e-4)
 
 
+def test_window_bits_matches_brute_force(tiny):
+    w = np.random.default_rng(3).integers(0, 256, (2, 7)).astype(np.uint8)
+    total = 0.0
+    for row in w:
+        logits, _ = _reference_forward(tiny, row[:-1], np.zeros((2, 8)))
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        total += -logp[np.arange(6), row[1:]].sum() / math.log(2)
+    assert float(bp.window_bits(tiny, w)) == pytest.approx(total / 12, rel=1e-4)
+
+
 # --- the recipe -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -142,6 +151,7 @@ def test_learns_below_unigram(corpus_dir, tmp_path):
     first = read_metrics(tmp_path / "run")[0]
     assert first["valid_prefix_bits_per_byte"] > 7  # untrained: about uniform over 256 bytes
     assert result["valid_bits_per_byte"] < result["unigram_valid_bits_per_byte"], result
+    assert result["egg_eval_bits_per_byte"] < result["unigram_egg_eval_bits_per_byte"], result
     for name in ("metrics.jsonl", "curve.png", "config.json", "result.json", "checkpoint/meta.json"):
         assert (tmp_path / "run" / name).exists(), name
     assert json.loads((tmp_path / "run" / "result.json").read_text()) == json.loads(json.dumps(result))

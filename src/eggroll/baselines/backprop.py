@@ -28,6 +28,7 @@ whole [B, T] window are one matmul each, only the recurrence h -> h' is a lax.sc
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -182,3 +183,13 @@ def make_evaluate(layers: int, width: int, seq_len: int, n_streams: int, mlp_act
             total, count = total + float(t), count + float(c)
         return total / count
     return evaluate
+
+
+@functools.partial(jax.jit, static_argnames="mlp_activation")
+def window_bits(params, windows, mlp_activation: str = "none"):
+    """bits/byte of windows [S, T+1] read from a zero state: inputs w[:, :-1], targets w[:, 1:]
+    (the `egg` recipe's held-out evaluation, for a like-for-like number)."""
+    layers, width = len(params["layers"]), params["embed"].shape[1]
+    logits, _ = forward(params, init_state(layers, windows.shape[0], width), windows[:, :-1], mlp_activation)
+    total, count = bits_per_byte_sum(logits, windows[:, 1:])
+    return total / count

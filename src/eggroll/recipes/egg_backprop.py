@@ -13,7 +13,9 @@ cross-entropy in bits. Optimiser: Adam with gradient clipping, linear warm-up an
 to 10% of lr at `steps`.
 
 Every `eval_every` steps the model reads the first `eval_bytes` of the valid split
-(valid_prefix_bits_per_byte); at the end it reads all of it (valid_bits_per_byte). Unigram and
+(valid_prefix_bits_per_byte); at the end it reads all of it (valid_bits_per_byte) and, for a
+like-for-like comparison, the egg recipe's held-out windows (egg_eval_bits_per_byte: 32 windows
+of 256 valid bytes from a zero state, with the n-gram figures on the same bytes). Unigram and
 bigram bits/byte of the same splits (fit on train) are logged beside them. The run directory
 holds metrics.jsonl, curve.png, config.json, result.json and checkpoint/ (params, optimizer
 state, carried hidden state; the step, wall clock and config in its metadata). Nothing random
@@ -39,8 +41,9 @@ import optax
 from ..baselines import backprop as bp
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..runlog import RunLog
-from ..tasks.text import load_corpus, ngram_bits_per_byte, stream_windows
+from ..tasks.text import ByteSplits, load_corpus, ngram_bits_per_byte, stream_windows
 
+EGG_EVAL_STREAMS, EGG_EVAL_TOKENS = 32, 256  # recipes/egg.py defaults eval_streams, eval_tokens
 # Config fields that change the training trajectory: a resumed run must match them.
 TRAJECTORY_FIELDS = ("dataset", "max_bytes", "text_column", "layers", "width", "mlp_activation", "streams",
                      "seq_len", "steps", "lr", "warmup", "clip", "weight_decay", "seed")
@@ -204,10 +207,17 @@ def run(cfg: Config) -> dict:
             if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 checkpoint()
         valid_bits = evaluate(state.params, splits.valid)
+        # the egg recipe's held-out bytes (its defaults: 32 windows of 256 bytes), for a like-for-like number
+        egg_windows = stream_windows(np.asarray(splits.valid), EGG_EVAL_STREAMS, EGG_EVAL_TOKENS, 0, overlap=1)
+        egg_ngram = ngram_bits_per_byte(ByteSplits(splits.train, np.ascontiguousarray(egg_windows[:, 1:]).ravel(),
+                                                   np.zeros(0, np.uint8)))
         log.log(step, {"valid_bits_per_byte": valid_bits, "bytes_seen": step * tokens_per_step, **baselines})
         result = {
             "valid_bits_per_byte": valid_bits,
             **baselines,
+            "egg_eval_bits_per_byte": float(bp.window_bits(state.params, egg_windows, cfg.mlp_activation)),
+            "bigram_egg_eval_bits_per_byte": egg_ngram["bigram_valid"],
+            "unigram_egg_eval_bits_per_byte": egg_ngram["unigram_valid"],
             "unigram_train_bits_per_byte": ngram["unigram_train"],
             "bigram_train_bits_per_byte": ngram["bigram_train"],
             "train_bits_per_byte": train_bits,
