@@ -27,12 +27,17 @@ import typing
 # One entry per line, please: each recipe / bench / tool adds exactly one line here.
 RECIPES = {
     "cartpole": ("eggroll.recipes.cartpole", "MLP policy on gymnax CartPole-v1 (EGGROLL or OpenES)"),
+    "egg": ("eggroll.recipes.egg", "integer-only (int8) minGRU byte LM pretrained with integer EGGROLL"),
+    "egg-backprop": ("eggroll.recipes.egg_backprop", "float32 minGRU byte LM trained by backprop (baseline for EGG)"),
 }
 BENCHES = {
     "throughput": ("eggroll.bench.throughput", "population forward / update / generation vs batched inference and OpenES"),
     "scaling": ("eggroll.bench.scaling", "bytes sent per generation (two model sizes) and population-step scaling over 1, 2, 4 devices / 2 processes"),
+    "egg-population": ("eggroll.bench.egg_population", "EGG held-out bits/byte and peak RSS vs population (fixed generations, chunk)"),
 }
 TOOLS = {
+    "sample": ("eggroll.recipes.egg_sample", "generate text from a trained EGG checkpoint"),
+    "corpus": ("eggroll.tasks.text", "convert a text corpus into the byte cache; print split sizes and n-gram bits/byte"),
 }
 
 

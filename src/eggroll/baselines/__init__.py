@@ -1,0 +1,1 @@
+"""Baselines that share EGGROLL's harness: backprop.py (float minGRU LM trained by gradients)."""

@@ -1,0 +1,175 @@
+"""EGG: an integer-only (int8) minGRU byte-level language model (Sarkar et al. 2025, section on
+integer pretraining), written from its description.
+
+    embed (256, d) -> L x [ x = sat(x + GRU(norm x)) ; x = sat(x + MLP(norm x)) ] -> norm -> head
+
+Every weight, activation and hidden state is int8 in fixed point (q means q / 16); matmuls
+accumulate in int32 and are rescaled by a power-of-two shift (`int8.matmul_shift`, about
+16 sqrt(fan_in)) and saturated to int8. There is no activation function: the nonlinearity
+comes from saturation, rounding shifts and the norm.
+
+GRU (one gate, minGRU-like), for normed input u and previous state h:
+
+    f  = sat(W_f u + U_f h + b_f)                    (W_f u + U_f h: one int32 sum, fan-in 2d)
+    g  = ((f + 127) h) >> 8                          (gate in [0, 254/256])
+    h~ = sat(W_h u + U_h g + b_h)
+    h' = sat(h + (((f + 127) (h~ - h)) >> 8))        (h' between h and h~)
+
+The layer's output (added to the residual stream) is h'. MLP: d -> 4d -> d, no bias, no
+activation, each matmul shifted and saturated. Logits are int8 in 1/16-bit units
+(p_i ∝ 2^(l_i / 16)); `int8.log2_prob16` turns them into integer log-likelihoods.
+
+The model computes one byte of one sequence (`step`); `sequence_logprob` scans a sequence with
+the hidden state (L, d) int8 carried along; callers vmap over members / streams. The hidden
+state is reset to zero whenever the *input* byte is 0 (the document separator), so each
+document is read from a fresh state. `noise` is a pytree of integer noise handles shaped like
+params (int8_strategy.member_noise) or None for the plain model.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .. import int8 as i8
+from .. import int8_strategy as ist
+
+VOCAB = 256
+MLP_MULT = 4
+
+
+class EggShape(NamedTuple):
+    layers: int
+    width: int
+
+    @property
+    def shifts(self) -> dict:
+        d = self.width
+        return {"gru": i8.matmul_shift(2 * d), "d": i8.matmul_shift(d), "4d": i8.matmul_shift(MLP_MULT * d)}
+
+
+def _weights(key, shape):
+    """int8 round(16 N(0, 1)), clipped to ±127 (init only)."""
+    return jnp.clip(jnp.round(jax.random.normal(key, shape) * i8.SCALE), -i8.QMAX, i8.QMAX).astype(jnp.int8)
+
+
+RESIDUAL_INITS = ("normal", "zero")
+
+
+def init_egg(key, layers: int, width: int, residual_init: str = "normal") -> dict:
+    """Parameters: dict of int8 arrays. Weights round(16 N(0, 1)), gains 16 (1.0), biases 0.
+
+    residual_init "zero" starts the MLP's output matrix w2 at zero, so each MLP branch adds
+    nothing to the residual stream until evolution grows it (not in the paper's description;
+    see docs/RESULTS.md for its effect)."""
+    if residual_init not in RESIDUAL_INITS:
+        raise ValueError(f"residual_init must be one of {RESIDUAL_INITS}, got {residual_init!r}")
+    if layers < 1 or width < 1:
+        raise ValueError(f"EGG needs layers >= 1 and width >= 1, got layers={layers}, width={width}")
+    if MLP_MULT * width > i8.MAX_FAN_IN:
+        raise ValueError(f"width {width} too large: MLP fan-in {MLP_MULT * width} > {i8.MAX_FAN_IN}")
+    d = width
+    keys = jax.random.split(key, 2 + layers)
+    def gain():
+        return jnp.full((d,), i8.SCALE, jnp.int8)
+
+    def zero():
+        return jnp.zeros((d,), jnp.int8)
+
+    params = {"embed": _weights(keys[0], (VOCAB, d)), "layers": []}
+    for l in range(layers):
+        k = jax.random.split(keys[2 + l], 6)
+        params["layers"].append({
+            "ln1": gain(), "wf": _weights(k[0], (d, d)), "uf": _weights(k[1], (d, d)), "bf": zero(),
+            "wh": _weights(k[2], (d, d)), "uh": _weights(k[3], (d, d)), "bh": zero(),
+            "ln2": gain(), "w1": _weights(k[4], (MLP_MULT * d, d)), "w2": _weights(k[5], (d, MLP_MULT * d)),
+        })
+        if residual_init == "zero":
+            params["layers"][-1]["w2"] = jnp.zeros((d, MLP_MULT * d), jnp.int8)
+    params["ln_out"] = gain()
+    params["head"] = _weights(keys[1], (VOCAB, d))
+    return params
+
+
+def shape_of(params) -> EggShape:
+    return EggShape(len(params["layers"]), int(params["embed"].shape[1]))
+
+
+def _nz(noise, *path):
+    for p in path:
+        if noise is None:
+            return None
+        noise = noise[p]
+    return noise
+
+
+def _lin(w, x, noise):
+    return ist.linear_acc(w, x, noise)
+
+
+def gru(p, u, h, noise, shifts):
+    s = shifts["gru"]
+    h32 = h.astype(jnp.int32)
+    f = i8.sat(i8.shift_round(_lin(p["wf"], u, _nz(noise, "wf")) + _lin(p["uf"], h, _nz(noise, "uf")), s)
+               + ist.vector(p["bf"], _nz(noise, "bf")))
+    gate = f.astype(jnp.int32) + i8.QMAX  # [0, 254]
+    g = ((gate * h32) >> 8).astype(jnp.int8)
+    cand = i8.sat(i8.shift_round(_lin(p["wh"], u, _nz(noise, "wh")) + _lin(p["uh"], g, _nz(noise, "uh")), s)
+                  + ist.vector(p["bh"], _nz(noise, "bh")))
+    return i8.sat(h32 + ((gate * (cand.astype(jnp.int32) - h32)) >> 8))
+
+
+def mlp(p, u, noise, shifts):
+    y = i8.sat(i8.shift_round(_lin(p["w1"], u, _nz(noise, "w1")), shifts["d"]))
+    return i8.sat(i8.shift_round(_lin(p["w2"], y, _nz(noise, "w2")), shifts["4d"]))
+
+
+def step(params, h, byte, noise=None):
+    """One byte: (params, h (L, d) int8, input byte) -> (h' (L, d) int8, logits (256,) int8)."""
+    shifts = shape_of(params).shifts
+    byte = jnp.asarray(byte, jnp.int32)
+    h = jnp.where(byte == 0, jnp.zeros_like(h), h)  # a separator starts a fresh document
+    x = ist.embed(params["embed"], byte, _nz(noise, "embed"))
+    new_h = []
+    for l, p in enumerate(params["layers"]):
+        ln = _nz(noise, "layers", l)
+        u = i8.norm(x, ist.vector(p["ln1"], _nz(ln, "ln1")))
+        hl = gru(p, u, h[l], ln, shifts)
+        new_h.append(hl)
+        x = i8.sat(x.astype(jnp.int32) + hl)
+        u = i8.norm(x, ist.vector(p["ln2"], _nz(ln, "ln2")))
+        x = i8.sat(x.astype(jnp.int32) + mlp(p, u, ln, shifts))
+    x = i8.norm(x, ist.vector(params["ln_out"], _nz(noise, "ln_out")))
+    logits = i8.sat(i8.shift_round(_lin(params["head"], x, _nz(noise, "head")), shifts["d"]))
+    return jnp.stack(new_h), logits
+
+
+def init_hidden(params) -> jax.Array:
+    s = shape_of(params)
+    return jnp.zeros((s.layers, s.width), jnp.int8)
+
+
+def sequence_logprob(params, h, tokens, noise=None):
+    """tokens (T + 1,) bytes: read tokens[:-1], score tokens[1:].
+    -> (h after T bytes, sum of log2 p in 1/16-bit units (int32), per-byte log2 p16 (T,))."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+
+    def body(h, xy):
+        x, y = xy
+        h, logits = step(params, h, x, noise)
+        return h, i8.log2_prob16(logits, y)
+
+    h, lp = lax.scan(body, h, (tokens[:-1], tokens[1:]))
+    return h, jnp.sum(lp), lp
+
+
+def sequence_logits(params, h, tokens, noise=None):
+    """Logits (T, 256) int8 for inputs tokens (T,), and the final hidden state."""
+    def body(h, x):
+        h, logits = step(params, h, x, noise)
+        return h, logits
+
+    return lax.scan(body, h, jnp.asarray(tokens, jnp.int32))

@@ -1,0 +1,86 @@
+"""Generate text from a trained EGG checkpoint: `eggroll sample --checkpoint runs/egg --prompt TEXT`.
+
+The integer model reads the prompt (after a document separator, so from a fresh hidden state)
+and then samples `length` bytes from p_i ∝ 2^(l_i / (16 * temperature)) over its int8 logits
+(temperature 0: greedy). Bytes are printed as UTF-8 with invalid sequences replaced; sampling
+stops early at a separator byte 0. The last line is a JSON object (the CLI convention).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from ..checkpoint import load_checkpoint
+from ..models import egg
+
+
+@dataclass
+class Config:
+    checkpoint: str = field(default="runs/egg", metadata={"help": "run directory or its checkpoint/ directory"})
+    prompt: str = field(default="def ", metadata={"help": "text to continue"})
+    length: int = field(default=200, metadata={"help": "bytes to generate"})
+    temperature: float = field(default=0.8, metadata={"help": "sampling temperature (0: greedy)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    quiet: bool = field(default=False, metadata={"help": "do not print the text before the JSON line"})
+
+
+def load_model(path) -> tuple[dict, dict]:
+    """(params, metadata) of an EGG checkpoint (run directory or checkpoint directory)."""
+    path = Path(path)
+    ckpt = path / "checkpoint" if (path / "checkpoint" / "meta.json").exists() else path
+    if not (ckpt / "meta.json").exists():
+        raise FileNotFoundError(f"no EGG checkpoint at {path} (expected meta.json and arrays.safetensors; "
+                                "train one with `eggroll train egg`)")
+    meta = json.loads((ckpt / "meta.json").read_text())["metadata"]
+    cfg = meta.get("config", {})
+    if "width" not in cfg or "layers" not in cfg:
+        raise ValueError(f"{ckpt} is not an EGG checkpoint (its config has no layers/width)")
+    params = egg.init_egg(jax.random.PRNGKey(0), cfg["layers"], cfg["width"])
+    hidden = jnp.zeros((cfg["population"], cfg["layers"], cfg["width"]), jnp.int8)
+    tree, meta = load_checkpoint(ckpt, {"params": params, "hidden": hidden})
+    return tree["params"], meta
+
+
+def generate(params, prompt: bytes, length: int, temperature: float, key) -> bytes:
+    """Continue `prompt` by `length` bytes (stops early at a 0 byte)."""
+    h, logits = egg.sequence_logits(params, egg.init_hidden(params), jnp.asarray([0, *prompt], jnp.int32))
+    last = logits[-1]
+
+    @jax.jit
+    def next_byte(h, logits, k):
+        if temperature > 0:  # p ∝ 2^(l / 16T) = exp(l ln2 / 16T)
+            b = jax.random.categorical(k, logits.astype(jnp.float32) * (math.log(2) / (16 * temperature)))
+        else:
+            b = jnp.argmax(logits)
+        h, logits = egg.step(params, h, b)
+        return h, logits, b
+
+    out = []
+    for k in jax.random.split(key, length):
+        h, last, b = next_byte(h, last, k)
+        b = int(b)
+        if b == 0:
+            break
+        out.append(b)
+    return bytes(out)
+
+
+def run(cfg: Config) -> dict:
+    if cfg.length < 0 or not (cfg.temperature >= 0 and math.isfinite(cfg.temperature)):
+        raise ValueError(f"length must be >= 0 and temperature a finite number >= 0, got {cfg.length}, {cfg.temperature}")
+    params, meta = load_model(cfg.checkpoint)
+    prompt = cfg.prompt.encode("utf-8")
+    text = generate(params, prompt, cfg.length, cfg.temperature, jax.random.PRNGKey(cfg.seed))
+    full = (prompt + text).decode("utf-8", errors="replace")
+    if not cfg.quiet:
+        print(full, file=sys.stdout)
+    return {"prompt": cfg.prompt, "generated": text.decode("utf-8", errors="replace"),
+            "generated_bytes": len(text), "generation": meta.get("generation"),
+            "valid_bits_per_byte": meta.get("valid_bits_per_byte")}
