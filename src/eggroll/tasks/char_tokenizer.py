@@ -28,6 +28,10 @@ class CharTokenizer:
         self._id = {c: i + self.n_special for i, c in enumerate(alphabet)}
 
     @property
+    def eos_ids(self) -> tuple:
+        return (self.eos_id,)
+
+    @property
     def vocab_size(self) -> int:
         return self.n_special + len(self.alphabet)
 
