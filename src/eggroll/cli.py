@@ -21,6 +21,8 @@ import typing
 # One entry per line, please: each recipe / bench / tool adds exactly one line here.
 RECIPES = {
     "cartpole": ("eggroll.recipes.cartpole", "MLP policy on gymnax CartPole-v1 (EGGROLL or OpenES)"),
+    "countdown-mini": ("eggroll.recipes.countdown_mini", "tiny transformer on Countdown: SFT, then EGGROLL vs GRPO at equal time"),
+    "llm": ("eggroll.recipes.llm", "fine-tune a Hugging Face LLM on countdown / gsm8k with EGGROLL or GRPO"),
 }
 BENCHES = {
     "throughput": ("eggroll.bench.throughput", "population forward / update / generation vs batched inference and OpenES"),
