@@ -26,10 +26,16 @@ def model():
     return tfm.init_params(jax.random.PRNGKey(3), CFG, std=0.3)
 
 
+# one layer, untied head: every kind of leaf once (noise compile time grows with the leaf count)
+SMALL = tfm.TransformerConfig(vocab_size=61, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                              head_dim=8, intermediate_size=40, qkv_bias=True, qk_norm=True)
+
+
 @pytest.fixture(scope="module")
-def es_state(model):
+def small_es():
+    params = tfm.init_params(jax.random.PRNGKey(5), SMALL, std=0.3)
     es = eggroll.eggroll(8, sigma=0.3, rank=2, table_size=1 << 16)
-    return es, es.init(jax.random.PRNGKey(4), model)
+    return params, es, es.init(jax.random.PRNGKey(4), params)
 
 
 @pytest.mark.parametrize("cfg", [CFG, LLAMA], ids=["qwen-like", "llama3-rope"])
@@ -67,20 +73,30 @@ def test_greedy_generation_equals_full_recomputation(model):
     _check_against_full(model, PROMPTS, LENS, gen)
 
 
-def test_perturbed_generation_equals_materialised_member(model, es_state):
-    es, st = es_state
+def test_perturbed_generation_equals_materialised_member(small_es):
+    model, es, st = small_es
     members = np.array([0, 5, 3, -1], np.int32)  # -1: the unperturbed model in the same batch
-    gen = sampling.generate(model, CFG, PROMPTS, LENS, max_new_tokens=NEW, noise_fn=es.noise, noise_args=st,
+    gen = sampling.generate(model, SMALL, PROMPTS, LENS, max_new_tokens=NEW, noise_fn=es.noise, noise_args=st,
                             member_ids=members)
     member_weights = jax.jit(lambda m: jax.tree_util.tree_map(jnp.add, model, eggroll.materialize(es.noise(st, m))))
     differs = 0
     for b, m in enumerate(members):
         w = member_weights(m) if m >= 0 else model
-        ref = sampling.generate(w, CFG, PROMPTS[b:b + 1], LENS[b:b + 1], max_new_tokens=NEW)
+        ref = sampling.generate(w, SMALL, PROMPTS[b:b + 1], LENS[b:b + 1], max_new_tokens=NEW)
         np.testing.assert_array_equal(gen.tokens[b], ref.tokens[0])
-        plain = sampling.generate(model, CFG, PROMPTS[b:b + 1], LENS[b:b + 1], max_new_tokens=NEW)
+        plain = sampling.generate(model, SMALL, PROMPTS[b:b + 1], LENS[b:b + 1], max_new_tokens=NEW)
         differs += int((np.asarray(plain.tokens[0]) != np.asarray(gen.tokens[b])).any())
     assert differs >= 2, "noise at sigma 0.3 should change some members' greedy outputs"
+    # grouped rows (rows_per_member=2: one set of factors per member) give the same tokens
+    grouped = sampling.generate(model, SMALL, PROMPTS, LENS, max_new_tokens=NEW, noise_fn=es.noise, noise_args=st,
+                                member_ids=np.array([5, 5, -1, -1], np.int32), rows_per_member=2)
+    for b, m in enumerate([5, 5, -1, -1]):
+        w = member_weights(m) if m >= 0 else model
+        ref = sampling.generate(w, SMALL, PROMPTS[b:b + 1], LENS[b:b + 1], max_new_tokens=NEW)
+        np.testing.assert_array_equal(grouped.tokens[b], ref.tokens[0])
+    with pytest.raises(ValueError, match="share one member"):
+        sampling.generate(model, SMALL, PROMPTS, LENS, max_new_tokens=NEW, noise_fn=es.noise, noise_args=st,
+                          member_ids=members, rows_per_member=2)
 
 
 def test_eos_stops_rows_and_pads(model):

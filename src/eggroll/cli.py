@@ -26,6 +26,7 @@ RECIPES = {
 }
 BENCHES = {
     "throughput": ("eggroll.bench.throughput", "population forward / update / generation vs batched inference and OpenES"),
+    "generate": ("eggroll.bench.generate", "LLM sampler: generation with per-member noise vs plain batched generation"),
 }
 TOOLS = {
 }

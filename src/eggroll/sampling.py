@@ -8,9 +8,10 @@
 Rows. prompts (B, P) int32 are LEFT-padded (row b's real tokens are prompts[b, P - len_b:]);
 row b evaluates member member_ids[b] (many rows per member = many prompts per member, many
 members per batch). member_ids[b] < 0 means the unperturbed model (e.g. validation rows mixed
-into the same batch). The member's noise is made once per call (vmap of noise_fn over the rows)
-and every matmul adds only its rank-r correction (`eggroll.layers`); the shared weights are one
-GEMM for the whole batch.
+into the same batch). The members' noise is made once per call (vmap of noise_fn), before the
+prefill, and every matmul adds only its rank-r correction (`eggroll.layers`); the shared weights
+are one GEMM for the whole batch. With rows_per_member = k, rows come in groups of k consecutive
+rows of one member: noise is made once per group and read once per group per step.
 
 noise_fn. `noise_fn(member_id)` -> noise pytree, or, when `noise_args` is given,
 `noise_fn(noise_args, member_id)` (pass noise_fn=es.noise, noise_args=es_state: then the ES
@@ -43,6 +44,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .models import transformer as tfm
@@ -80,7 +82,7 @@ def _scale_noise(noise, keep):
 
 
 def row_noise(noise_fn, noise_args, member_ids):
-    """Noise pytree with a leading row axis (None when noise_fn is None)."""
+    """Noise pytree with a leading axis over `member_ids` (None when noise_fn is None)."""
     if noise_fn is None:
         return None
 
@@ -105,13 +107,32 @@ def _pick(logits, key, temperature):
     return jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32)
 
 
+def _grouped_step(decoder: Decoder, batch: int, group: int, with_noise: bool):
+    """decoder.step over rows (batch, ...) whose noise has one entry per `group` consecutive rows:
+    an outer vmap over groups (noise axis 0) of an inner vmap over the rows of a group (noise
+    shared), so each group's rank-r factors are read once per step, not once per row. The state
+    stays (groups, group, ...)."""
+    inner = jax.vmap(decoder.step, in_axes=(None, 0, 0, None, 0, None))
+    outer = jax.vmap(inner, in_axes=(None, 0, 0, 0 if with_noise else None, 0, None))
+
+    def step(params, tokens, positions, noise, state, index):
+        split = (batch // group, group) + tokens.shape[1:]
+        logits, state = outer(params, tokens.reshape(split), positions.reshape(split), noise, state, index)
+        return logits.reshape(batch, -1), state
+
+    return step
+
+
 def decode(decoder: Decoder, params, prompts, prompt_lengths, noise, key, *, max_new_tokens: int,
-           temperature: float, eos_ids: tuple, pad_id: int) -> Generation:
-    """Traceable core of `generate` (call it inside your own jit; noise has a leading row axis)."""
+           temperature: float, eos_ids: tuple, pad_id: int, rows_per_member: int = 1) -> Generation:
+    """Traceable core of `generate` (call it inside your own jit). `noise` has a leading axis of
+    batch // rows_per_member entries (one per group of consecutive rows), or is None."""
     b, p = prompts.shape
-    state = jax.vmap(lambda _: decoder.init_state(p + max_new_tokens))(jnp.arange(b))
-    noise_axes = None if noise is None else 0
-    step = jax.vmap(decoder.step, in_axes=(None, 0, 0, noise_axes, 0, None))
+    k = rows_per_member if noise is not None else 1
+    if b % k:
+        raise ValueError(f"batch {b} is not a multiple of rows_per_member {k}")
+    state = jax.vmap(jax.vmap(lambda _: decoder.init_state(p + max_new_tokens)))(jnp.zeros((b // k, k)))
+    step = _grouped_step(decoder, b, k, noise is not None)
     logits, state = step(params, prompts, prompt_positions(prompt_lengths, p), noise, state, 0)
     eos = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
 
@@ -140,21 +161,26 @@ def decode(decoder: Decoder, params, prompts, prompt_lengths, noise, key, *, max
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "decoder", "max_new_tokens", "temperature", "eos_ids",
-                                             "pad_id", "noise_fn"))
+                                             "pad_id", "noise_fn", "rows_per_member"))
 def _generate_jit(params, prompts, prompt_lengths, key, member_ids, noise_args, *, cfg, decoder, max_new_tokens,
-                  temperature, eos_ids, pad_id, noise_fn):
+                  temperature, eos_ids, pad_id, noise_fn, rows_per_member):
     decoder = decoder if decoder is not None else transformer_decoder(cfg)
-    noise = row_noise(noise_fn, noise_args, member_ids)
+    noise = row_noise(noise_fn, noise_args, member_ids[::rows_per_member])  # one entry per group of rows
     return decode(decoder, params, prompts, prompt_lengths, noise, key, max_new_tokens=max_new_tokens,
-                  temperature=temperature, eos_ids=eos_ids, pad_id=pad_id)
+                  temperature=temperature, eos_ids=eos_ids, pad_id=pad_id, rows_per_member=rows_per_member)
 
 
 def generate(params, cfg, prompts, prompt_lengths, *, max_new_tokens: int, key=None, temperature: float = 0.0,
              eos_ids=(), noise_fn=None, member_ids=None, noise_args=None, pad_id: int = 0,
-             decoder: Decoder | None = None) -> Generation:
+             rows_per_member: int = 1, decoder: Decoder | None = None) -> Generation:
     """Jitted batched generation (see the module docstring). cfg: a TransformerConfig (or any
     hashable config when `decoder` is given). Compiles once per (cfg, shapes, max_new_tokens,
-    temperature, eos_ids, pad_id, noise_fn, decoder)."""
+    temperature, eos_ids, pad_id, noise_fn, rows_per_member, decoder).
+
+    rows_per_member = k > 1: rows come in groups of k consecutive rows of one member
+    (member_ids[g*k : (g+1)*k] all equal; checked when member_ids is concrete); the noise is made
+    once per group and each group's factors are read once per step -- faster when a member
+    answers several prompts."""
     prompts = jnp.asarray(prompts, jnp.int32)
     if prompts.ndim != 2:
         raise ValueError(f"prompts must be (batch, prompt_len) int32, left-padded; got shape {prompts.shape}")
@@ -173,11 +199,18 @@ def generate(params, cfg, prompts, prompt_lengths, *, max_new_tokens: int, key=N
     member_ids = jnp.asarray(member_ids, jnp.int32)
     if member_ids.shape != (b,):
         raise ValueError(f"member_ids must have shape ({b},), one per row; got {member_ids.shape}")
+    if not isinstance(rows_per_member, int) or rows_per_member < 1 or b % rows_per_member:
+        raise ValueError(f"rows_per_member must be a positive divisor of the batch {b}, got {rows_per_member!r}")
+    if rows_per_member > 1 and not isinstance(member_ids, jax.core.Tracer):
+        groups = np.asarray(member_ids).reshape(-1, rows_per_member)
+        if (groups != groups[:, :1]).any():
+            raise ValueError(f"rows_per_member={rows_per_member}: each group of {rows_per_member} consecutive rows "
+                             "must share one member id (sort rows by member), or use rows_per_member=1")
     key = jax.random.PRNGKey(0) if key is None else key
     eos_ids = tuple(int(e) for e in (eos_ids if hasattr(eos_ids, "__iter__") else (eos_ids,)))
     return _generate_jit(params, prompts, prompt_lengths, key, member_ids, noise_args, cfg=cfg, decoder=decoder,
                          max_new_tokens=max_new_tokens, temperature=float(temperature), eos_ids=eos_ids,
-                         pad_id=int(pad_id), noise_fn=noise_fn)
+                         pad_id=int(pad_id), noise_fn=noise_fn, rows_per_member=rows_per_member)
 
 
 def truncate_at_stop(text: str, stops=()) -> tuple[str, bool]:
