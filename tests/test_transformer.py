@@ -138,3 +138,36 @@ def test_bad_inputs_name_the_problem(model):
 def test_truncate_at_stop():
     assert sampling.truncate_at_stop("a+b=3</answer> junk", ["</answer>", "\n\n"]) == ("a+b=3", True)
     assert sampling.truncate_at_stop("no stop", ["</answer>"]) == ("no stop", False)
+
+
+def test_recurrent_decoder_plugs_into_the_sampler():
+    """A toy recurrent model (state instead of a KV cache, like RWKV-7) through the same sampler:
+    equals a hand-written token-by-token loop; left padding (position < 0) leaves the state alone."""
+    v, d = 13, 6
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(7), 3)
+    params = {"emb": jax.random.normal(k1, (v, d)), "w": jax.random.normal(k2, (d, d)) / 2,
+              "out": jax.random.normal(k3, (v, d))}
+
+    def cell(p, h, tok):
+        return jnp.tanh(p["w"] @ h + p["emb"][tok])
+
+    def step(p, tokens, positions, noise, h, index):
+        def one(h, tp):
+            tok, pos = tp
+            return jnp.where(pos >= 0, cell(p, h, tok), h), None
+        h, _ = jax.lax.scan(one, h, (tokens, positions))
+        return p["out"] @ h, h
+
+    dec = sampling.Decoder(lambda max_len: jnp.zeros(d), step)
+    prompts = np.array([[0, 0, 3, 4], [1, 2, 5, 6]], np.int32)
+    lens = np.array([2, 4], np.int32)
+    gen = sampling.generate(params, "toy-rnn", prompts, lens, max_new_tokens=5, decoder=dec)
+    for b in range(2):
+        h = jnp.zeros(d)
+        for tok in prompts[b, 4 - lens[b]:]:
+            h = cell(params, h, tok)
+        want = []
+        for _ in range(5):
+            want.append(int(jnp.argmax(params["out"] @ h)))
+            h = cell(params, h, want[-1])
+        np.testing.assert_array_equal(gen.tokens[b], want)
