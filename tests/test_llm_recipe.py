@@ -40,11 +40,18 @@ def _cfg(tiny_ckpt, run_dir, **kw):
     return llm.Config(**{**base, **kw})
 
 
-def test_llm_eggroll_runs_and_resumes_exactly(tiny_ckpt, tmp_path):
-    full = llm.run(_cfg(tiny_ckpt, tmp_path / "full"))
-    assert full["steps"] == 2 and 0 <= full["val_accuracy"] <= 1
-    recs = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+def test_llm_eggroll_one_step_logs_diagnostics(tiny_ckpt, tmp_path):
+    res = llm.run(_cfg(tiny_ckpt, tmp_path / "one", steps=1))
+    assert res["steps"] == 1 and 0 <= res["val_accuracy"] <= 1
+    recs = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert {"no_signal_frac", "truncation_rate", "distinct_answers", "mean_reward", "val_accuracy"} <= set(recs[-1])
+    assert (tmp_path / "one" / "checkpoint" / "arrays.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_llm_eggroll_resumes_exactly(tiny_ckpt, tmp_path):
+    full = llm.run(_cfg(tiny_ckpt, tmp_path / "full"))
+    assert full["steps"] == 2
     llm.run(_cfg(tiny_ckpt, tmp_path / "part", steps=1))
     llm.run(_cfg(tiny_ckpt, tmp_path / "part", steps=2, resume=True))
     a, _ = load_checkpoint(tmp_path / "full" / "checkpoint", _template(tiny_ckpt))
