@@ -88,8 +88,9 @@ def test_perturbed_generation_equals_materialised_member(small_es):
         differs += int((np.asarray(plain.tokens[0]) != np.asarray(gen.tokens[b])).any())
     assert differs >= 2, "noise at sigma 0.3 should change some members' greedy outputs"
     # grouped rows (rows_per_member=2: one set of factors per member) give the same tokens
-    grouped = sampling.generate(model, SMALL, PROMPTS, LENS, max_new_tokens=NEW, noise_fn=es.noise, noise_args=st,
-                                member_ids=np.array([5, 5, -1, -1], np.int32), rows_per_member=2)
+    # (and with the bucketed noise function, which draws same-shaped leaves together)
+    grouped = sampling.generate(model, SMALL, PROMPTS, LENS, max_new_tokens=NEW, noise_fn=sampling.bucketed_noise(es),
+                                noise_args=st, member_ids=np.array([5, 5, -1, -1], np.int32), rows_per_member=2)
     for b, m in enumerate([5, 5, -1, -1]):
         w = member_weights(m) if m >= 0 else model
         ref = sampling.generate(w, SMALL, PROMPTS[b:b + 1], LENS[b:b + 1], max_new_tokens=NEW)
@@ -97,6 +98,19 @@ def test_perturbed_generation_equals_materialised_member(small_es):
     with pytest.raises(ValueError, match="share one member"):
         sampling.generate(model, SMALL, PROMPTS, LENS, max_new_tokens=NEW, noise_fn=es.noise, noise_args=st,
                           member_ids=members, rows_per_member=2)
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_bucketed_noise_equals_es_noise(antithetic):
+    shapes = {"a": (6, 5), "b": (6, 5), "c": (5, 6), "v": (7,), "w": (7,), "s": (3, 2, 2)}
+    params = {k: jnp.ones(v) for k, v in shapes.items()}
+    es = eggroll.eggroll(8, sigma=0.3, rank=2, antithetic=antithetic, table_size=1 << 12)
+    st = es.init(jax.random.PRNGKey(2), params)
+    fast = sampling.bucketed_noise(es)
+    same = jax.jit(lambda m: jax.tree_util.tree_map(lambda x, y: (x == y).all(), es.noise(st, m), fast(st, m)))
+    for m in range(8):
+        eq = jax.tree_util.tree_leaves(same(m))
+        assert len(eq) == 3 * 3 + 3 * 2 and all(bool(e) for e in eq)
 
 
 def test_eos_stops_rows_and_pads(model):

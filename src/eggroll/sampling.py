@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import noise as nz
 from .models import transformer as tfm
 from .noise import Full, LowRank
 
@@ -91,6 +92,35 @@ def row_noise(noise_fn, noise_args, member_ids):
         return _scale_noise(n, m >= 0)
 
     return jax.vmap(one)(member_ids)
+
+
+def bucketed_noise(es) -> Callable:
+    """noise_fn(state, member) equal to es.noise(state, member), built for compile time: leaves of
+    the same (kind, shape) draw their factors in one vmapped `noise.direction_noise` (as
+    `strategy.tell` does), so a deep model compiles one offset computation per distinct shape
+    instead of one per leaf. The scales come from es.noise itself (its unused factor draws are
+    dead code). Use as generate(..., noise_fn=bucketed_noise(es), noise_args=state)."""
+    def noise_fn(state, member):
+        ref = es.noise(state, member)  # structure + scales (sign * sigma [/ sqrt r])
+        plan = state.plan
+        epoch = nz.epoch_of(plan, state.generation)
+        pair, _ = nz.member_coords(plan, member)
+        buckets: dict[tuple, list[int]] = {}
+        for i, leaf in enumerate(plan.leaves):
+            if leaf.kind != nz.FROZEN:
+                buckets.setdefault((leaf.kind, leaf.shape), []).append(i)
+        refs = jax.tree_util.tree_leaves(ref, is_leaf=lambda n: isinstance(n, (LowRank, Full)) or n is None)
+        out = list(refs)
+        for idx in buckets.values():
+            lkeys = nz.leaf_keys(state.key, [plan.leaves[i] for i in idx])
+            z = jax.vmap(nz.direction_noise, (None, None, 0, None, None, None))(
+                plan, state.table, lkeys, epoch, pair, plan.leaves[idx[0]])
+            for j, i in enumerate(idx):
+                zi = jax.tree_util.tree_map(lambda x, j=j: x[j], z)
+                out[i] = LowRank(*zi, refs[i].scale) if isinstance(refs[i], LowRank) else Full(zi, refs[i].scale)
+        return jax.tree_util.tree_unflatten(plan.treedef, out)
+
+    return noise_fn
 
 
 def prompt_positions(prompt_lengths, width: int):

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from ..models import transformer as tfm
-from ..sampling import generate
+from ..sampling import bucketed_noise, generate
 from ..strategy import eggroll
 from .throughput import _interleaved, _paired
 
@@ -51,6 +51,8 @@ class Config:
         "help": "no noise on norms / biases (the LLM default); matrices (embeddings included) low-rank"})
     per_row: bool = dataclasses.field(default=True, metadata={
         "help": "also time rows_per_member=1 (noise looked up per row instead of per member)"})
+    bucketed: bool = dataclasses.field(default=True, metadata={
+        "help": "noise_fn = sampling.bucketed_noise(es) (same values as es.noise, faster to compile)"})
     temperature: float = dataclasses.field(default=0.0, metadata={"help": "0 = greedy"})
     dtype: str = dataclasses.field(default="float32", metadata={"help": "params dtype",
                                                                 "choices": ("float32", "bfloat16")})
@@ -83,7 +85,8 @@ def run(cfg: Config) -> dict:
     members = jnp.repeat(jnp.arange(cfg.members, dtype=jnp.int32), cfg.prompts_per_member)
     kw = {"max_new_tokens": cfg.new_tokens, "key": k_gen, "temperature": cfg.temperature}
 
-    noisy = {"noise_fn": es.noise, "noise_args": state, "member_ids": members}
+    noise_fn = bucketed_noise(es) if cfg.bucketed else es.noise
+    noisy = {"noise_fn": noise_fn, "noise_args": state, "member_ids": members}
     units = {
         "plain": lambda: generate(params, mcfg, prompts, lengths, **kw),
         "noise": lambda: generate(params, mcfg, prompts, lengths, rows_per_member=cfg.prompts_per_member,
