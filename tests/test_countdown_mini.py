@@ -43,6 +43,21 @@ def test_es_step_frozen_vectors_and_fitness_shape():
     assert int(new.es_state.generation) == 1
 
 
+@pytest.mark.slow
+def test_es_step_chunked_generation_matches_whole():
+    tok = CharTokenizer()
+    task = custom_task(_count_sevens, [{"question": "1 2>3:"}, {"question": "4 5>9:"}, {"question": "9>9:"}])
+    params = tfm.init_params(jax.random.PRNGKey(0), TINY, std=0.3)
+    out = []
+    for max_rows in (8, None):  # 24 rows in chunks of 8, or all at once
+        ft = es_finetuner(TINY, tok, task, optax.sgd(0.1), population=8, sigma=0.05, prompt_len=6,
+                          max_new_tokens=4, max_rows=max_rows)
+        out.append(ft.step(ft.init(jax.random.PRNGKey(1), params), task.examples))
+    assert out[0][1]["mean_reward"] == out[1][1]["mean_reward"]
+    for a, b in zip(jax.tree_util.tree_leaves(out[0][0].params), jax.tree_util.tree_leaves(out[1][0].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_grpo_step_runs_on_harness():
     tok = CharTokenizer()
     task = custom_task(_count_sevens, [{"question": "1 2>3:"}, {"question": "4 5>9:"}])

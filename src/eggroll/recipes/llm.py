@@ -70,6 +70,7 @@ class Config:
     rank: int = _arg(1, "EGGROLL perturbation rank")
     perturb_embeddings: bool = _arg(False, "EGGROLL: low-rank noise on the embedding table")
     perturb_head: bool = _arg(False, "EGGROLL: low-rank noise on the LM head")
+    max_rows: int = _arg(0, "EGGROLL: generate at most this many rows at once (0: population x prompts)")
     # GRPO
     group_size: int = _arg(8, "GRPO samples per prompt")
     temperature: float = _arg(1.0, "GRPO sampling temperature")
@@ -178,7 +179,8 @@ def make_finetuner(cfg: Config, mcfg, tok, task, params):
     if cfg.strategy == "eggroll":
         return es_finetuner(mcfg, tok, task, opt, population=cfg.population, sigma=cfg.sigma, rank=cfg.rank,
                             kinds=llm_kinds(embeddings=cfg.perturb_embeddings, head=cfg.perturb_head),
-                            prompt_len=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens)
+                            prompt_len=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
+                            max_rows=cfg.max_rows or None)
     return grpo_finetuner(mcfg, tok, task, opt, group_size=cfg.group_size, prompt_len=cfg.max_prompt_tokens,
                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, clip_eps=cfg.clip_eps,
                           kl_coef=cfg.kl_coef, ref_params=params if cfg.kl_coef else None,

@@ -77,6 +77,15 @@ def evaluate_accuracy(params, cfg, tokenizer, task: Task, examples: Sequence[dic
             "truncation_rate": float(1 - f.mean())}
 
 
+class _Gen(NamedTuple):
+    tokens: np.ndarray
+    finished: np.ndarray
+
+
+def _largest_divisor_at_most(n: int, bound: int) -> int:
+    return next(c for c in range(max(1, min(n, bound)), 0, -1) if n % c == 0)
+
+
 class ESState(NamedTuple):
     params: Any
     opt_state: Any
@@ -91,8 +100,9 @@ class ESFinetuner(NamedTuple):
 
 def es_finetuner(cfg, tokenizer, task: Task, optimizer: optax.GradientTransformation, *, population: int,
                  sigma: float, rank: int = 1, kinds: Callable | None = None, prompt_len: int,
-                 max_new_tokens: int, noise_reuse: int = 1) -> ESFinetuner:
-    """EGGROLL fine-tuner with the paper's group z-score fitness (see the module docstring)."""
+                 max_new_tokens: int, noise_reuse: int = 1, max_rows: int | None = None) -> ESFinetuner:
+    """EGGROLL fine-tuner with the paper's group z-score fitness (see the module docstring).
+    max_rows: generate the population x prompts rows in chunks of at most this many (memory)."""
     es = eggroll(population, sigma, rank, shaping="group_z_score", kinds=kinds or llm_kinds(),
                  noise_reuse=noise_reuse)
 
@@ -110,9 +120,17 @@ def es_finetuner(cfg, tokenizer, task: Task, optimizer: optax.GradientTransforma
         j = len(examples)
         ids, lens = tokenizer.encode_batch([task.prompt(e) for e in examples], length=prompt_len)
         members = np.repeat(np.arange(population, dtype=np.int32), j)  # row i*J + j: member i, prompt j
-        gen = generate(state.params, cfg, np.tile(ids, (population, 1)), np.tile(lens, population),
-                       max_new_tokens=max_new_tokens, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-                       noise_fn=es.noise, noise_args=state.es_state, member_ids=members)
+        rows_ids, rows_lens = np.tile(ids, (population, 1)), np.tile(lens, population)
+        n = population * j
+        chunk = _largest_divisor_at_most(n, max_rows or n)
+        tokens, finished = [], []
+        for s in range(0, n, chunk):  # equal chunks: one compiled shape
+            g = generate(state.params, cfg, rows_ids[s:s + chunk], rows_lens[s:s + chunk],
+                         max_new_tokens=max_new_tokens, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+                         noise_fn=es.noise, noise_args=state.es_state, member_ids=members[s:s + chunk])
+            tokens.append(np.asarray(g.tokens))
+            finished.append(np.asarray(g.finished))
+        gen = _Gen(np.concatenate(tokens), np.concatenate(finished))
         texts = decode_rows(tokenizer, gen.tokens)
         scores = task.score_batch(texts, list(examples) * population).reshape(population, j)
         answers = [[task.answer(texts[i * j + q]) for q in range(j)] for i in range(population)]
