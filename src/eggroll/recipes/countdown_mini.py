@@ -157,7 +157,9 @@ def problem_sets(cfg: Config, task):
     held = task.sample(random.Random(10_000 + cfg.sft_seed), cfg.eval_problems)
     held_keys = {_key(e) for e in held}
     rng, train, seen = random.Random(cfg.sft_seed), [], set()
-    while len(train) < cfg.sft_problems:
+    for _ in range(100 * cfg.sft_problems):
+        if len(train) == cfg.sft_problems:
+            break
         ex = task.sample(rng, 1)[0]
         k = _key(ex)
         if k in held_keys or k in seen:
@@ -165,6 +167,8 @@ def problem_sets(cfg: Config, task):
         seen.add(k)
         ex["solution"] = solve_countdown(ex["numbers"], ex["target"]).replace(" ", "")
         train.append(ex)
+    if len(train) < cfg.sft_problems:
+        raise ValueError(f"countdown-mini: only {len(train)} distinct training problems found; lower sft_problems")
     return held, train
 
 
