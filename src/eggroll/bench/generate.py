@@ -3,7 +3,7 @@
 Both sides run `sampling.generate` on the same random-initialised transformer, the same
 left-padded prompts (B = members x prompts_per_member rows) and the same number of new tokens
 (no EOS, so every row decodes max_new_tokens). The perturbed side gives row b member b //
-prompts_per_member and makes its noise inside the jitted call (es.noise per member, as a
+prompts_per_member and makes its noise inside the jitted call (sampling.bucketed_noise(es) per member, as a
 training generation would), with rows_per_member = prompts_per_member (one set of factors per
 member); `per_row_over_plain` is the same with the factors looked up per row
 (rows_per_member=1). The plain side passes noise_fn=None. Timed in interleaved rounds
