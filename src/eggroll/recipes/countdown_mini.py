@@ -27,8 +27,9 @@
 Outputs in run_dir: curves.jsonl (one line per evaluation: strategy, seed, train_s, accuracy,
 ...), steps.jsonl (per-step diagnostics), curves.png (held-out accuracy vs wall clock),
 result.json; the last line printed is {"eggroll_accuracy", "grpo_accuracy", "start_accuracy",
-"budget_s", ...} with accuracies averaged over seeds. A (strategy, seed) run already finished in
-run_dir is not repeated (delete its lines from curves.jsonl to redo it).
+"budget_s", ...} with accuracies averaged over seeds. Evaluations are appended to curves.jsonl as
+they happen; a (strategy, seed) run already finished in run_dir is not repeated (delete its
+lines to redo it), an interrupted one is redone from the start.
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ def _accuracy(cfg, params, mcfg, tok, task, held) -> float:
 
 
 def finetune(cfg: Config, strategy: str, seed: int, params0, mcfg, tok, task, held, train, start_acc,
-             steps_log) -> list[dict]:
+             steps_log, curves) -> list[dict]:
     """One fine-tuning run under the wall-clock budget -> its evaluation records."""
     key = jax.random.PRNGKey(seed)
     if strategy == "eggroll":
@@ -256,6 +257,7 @@ def finetune(cfg: Config, strategy: str, seed: int, params0, mcfg, tok, task, he
     base = {"strategy": strategy, "seed": seed}
     records = [{**base, "step": 0, "train_s": 0.0, "wall_s": 0.0, "accuracy": start_acc, "samples": 0,
                 "compile_s": round(compile_s, 2)}]
+    curves.write(json.dumps(records[0]) + "\n")
     eval_c, eval_w, samples, step, next_eval = 0.0, 0.0, 0, 0, cfg.eval_every_s
     while clock() - c_start - eval_c < cfg.budget_s:
         state, m = ft.step(state, [train[rng.randrange(len(train))] for _ in range(n_prompts)])
@@ -272,6 +274,10 @@ def finetune(cfg: Config, strategy: str, seed: int, params0, mcfg, tok, task, he
             records.append({**base, "step": step, "train_s": round(train_s, 3), "wall_s": round(wall_s, 3),
                             "accuracy": acc, "samples": samples, "no_signal_frac": m["no_signal_frac"],
                             "mean_reward": m["mean_reward"]})
+            if train_s >= cfg.budget_s:
+                records[-1]["final"] = True
+            curves.write(json.dumps(records[-1]) + "\n")  # as it happens: a killed run keeps its curve
+            curves.flush()
             _log(cfg, f"{strategy} seed {seed}: {train_s:.0f}s ({cfg.clock}) step {step} held-out accuracy {acc:.3f} "
                       f"(batch reward {m['mean_reward']:.3f}, no-signal {m['no_signal_frac']:.2f})")
             next_eval = train_s + cfg.eval_every_s
@@ -291,15 +297,16 @@ def run(cfg: Config) -> dict:
     curves_path = run_dir / "curves.jsonl"
     done = [json.loads(line) for line in curves_path.read_text().splitlines()] if curves_path.exists() else []
     finished = {(r["strategy"], r["seed"]) for r in done if r.get("final")}
+    done = [r for r in done if (r["strategy"], r["seed"]) in finished]  # drop interrupted runs' partial curves
+    curves_path.write_text("".join(json.dumps(r) + "\n" for r in done))
     with open(run_dir / "steps.jsonl", "a") as steps_log, open(curves_path, "a") as curves:
         for seed in seeds_of(cfg):
             for strategy in _csv(cfg.strategies):
                 if (strategy, seed) in finished:
                     _log(cfg, f"{strategy} seed {seed} already in {curves_path}: skipped")
                     continue
-                recs = finetune(cfg, strategy, seed, params0, mcfg, tok, task, held, train, start_acc, steps_log)
-                recs[-1]["final"] = True
-                curves.writelines(json.dumps(r) + "\n" for r in recs)
+                recs = finetune(cfg, strategy, seed, params0, mcfg, tok, task, held, train, start_acc, steps_log,
+                                curves)
                 curves.flush()
                 done += recs
     return summarise(cfg, run_dir, done, start_acc, sft_meta)
