@@ -259,7 +259,8 @@ def finetune(cfg: Config, strategy: str, seed: int, params0, mcfg, tok, task, he
                 "compile_s": round(compile_s, 2)}]
     curves.write(json.dumps(records[0]) + "\n")
     eval_c, eval_w, samples, step, next_eval = 0.0, 0.0, 0, 0, cfg.eval_every_s
-    while clock() - c_start - eval_c < cfg.budget_s:
+    final = False
+    while not final:  # the step that crosses the budget is the last, and is always evaluated
         state, m = ft.step(state, [train[rng.randrange(len(train))] for _ in range(n_prompts)])
         step += 1
         samples += int(m["samples"])
@@ -267,14 +268,15 @@ def finetune(cfg: Config, strategy: str, seed: int, params0, mcfg, tok, task, he
         wall_s = time.perf_counter() - w_start - eval_w
         steps_log.write(json.dumps({**base, "step": step, "train_s": round(train_s, 3), "wall_s": round(wall_s, 3),
                                     **m}) + "\n")
-        if train_s >= next_eval or train_s >= cfg.budget_s:
+        final = train_s >= cfg.budget_s
+        if train_s >= next_eval or final:
             c_e, w_e = clock(), time.perf_counter()
             acc = _accuracy(cfg, state.params, mcfg, tok, task, held)
             eval_c, eval_w = eval_c + clock() - c_e, eval_w + time.perf_counter() - w_e
             records.append({**base, "step": step, "train_s": round(train_s, 3), "wall_s": round(wall_s, 3),
                             "accuracy": acc, "samples": samples, "no_signal_frac": m["no_signal_frac"],
                             "mean_reward": m["mean_reward"]})
-            if train_s >= cfg.budget_s:
+            if final:
                 records[-1]["final"] = True
             curves.write(json.dumps(records[-1]) + "\n")  # as it happens: a killed run keeps its curve
             curves.flush()
