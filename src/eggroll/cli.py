@@ -29,11 +29,14 @@ RECIPES = {
     "cartpole": ("eggroll.recipes.cartpole", "MLP policy on gymnax CartPole-v1 (EGGROLL or OpenES)"),
     "egg": ("eggroll.recipes.egg", "integer-only (int8) minGRU byte LM pretrained with integer EGGROLL"),
     "egg-backprop": ("eggroll.recipes.egg_backprop", "float32 minGRU byte LM trained by backprop (baseline for EGG)"),
+    "countdown-mini": ("eggroll.recipes.countdown_mini", "tiny transformer on Countdown: SFT, then EGGROLL vs GRPO at equal time"),
+    "llm": ("eggroll.recipes.llm", "fine-tune a Hugging Face LLM on countdown / gsm8k with EGGROLL or GRPO"),
 }
 BENCHES = {
     "throughput": ("eggroll.bench.throughput", "population forward / update / generation vs batched inference and OpenES"),
     "scaling": ("eggroll.bench.scaling", "bytes sent per generation (two model sizes) and population-step scaling over 1, 2, 4 devices / 2 processes"),
     "egg-population": ("eggroll.bench.egg_population", "EGG held-out bits/byte and peak RSS vs population (fixed generations, chunk)"),
+    "generate": ("eggroll.bench.generate", "LLM sampler: generation with per-member noise vs plain batched generation"),
 }
 TOOLS = {
     "sample": ("eggroll.recipes.egg_sample", "generate text from a trained EGG checkpoint"),

@@ -1,1 +1,2 @@
-"""Baselines that share EGGROLL's harness: backprop.py (float minGRU LM trained by gradients)."""
+"""Baselines that share EGGROLL's models, tasks and harness: backprop.py (float minGRU byte LM
+trained by gradients, for EGG), grpo.py (GRPO for LLM fine-tuning)."""

@@ -1,0 +1,478 @@
+"""Reasoning tasks with verifiable rewards: Countdown, GSM8K, and any reward function on text.
+
+A task turns examples into prompts and scores a decoded completion against its example:
+
+    task = countdown_task()                      # or gsm8k_task(...), custom_task(...)
+    examples = task.sample(rng, 8)               # list of dicts
+    prompts = [task.prompt(ex) for ex in examples]
+    rewards = task.score_batch(completions, examples)   # float32 (len,), never raises
+
+Rewards are plain Python on strings; a completion that is malformed, empty, absurdly long or
+makes the scorer raise scores 0.0 (`safe_reward`), so one bad generation never stops training.
+
+Countdown. Given numbers and a target, write an arithmetic expression with + - * / and
+parentheses that uses each given number exactly once (all of them, by default) and equals
+the target. The rules and the generator follow reasoning-gym's `countdown` dataset: a random
+expression over the drawn numbers fixes the target, so every problem is solvable. Problems
+come from reasoning-gym itself when it is installed (`source="reasoning_gym"`), otherwise from
+our own generator (`source="builtin"`) with the same rules; scoring is always ours (exact
+rational arithmetic over a parsed AST, no eval). `solve_countdown` is a brute-force solver
+(supervised data for countdown-mini, and tests).
+
+GSM8K. Grade-school maths word problems; the reference answer follows "####" in the data set.
+`gsm8k_examples` loads them with Hugging Face `datasets` (or from a local JSONL file); the
+completion's final answer is taken from \\boxed{...}, "####", "answer is ..." or its last
+number, and checked with `math-verify` when installed, else numerically.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+Example = dict  # {"question": str, ...task fields...}
+RewardFn = Callable[[str, Example], float]
+
+MAX_COMPLETION_CHARS = 20_000  # longer completions are scored 0 without parsing
+
+# ---------------------------------------------------------------------------------------
+# Generic task
+# ---------------------------------------------------------------------------------------
+
+
+def safe_reward(fn: RewardFn, completion, example: Example) -> float:
+    """fn(completion, example) as a finite float; 0.0 for malformed input or any error."""
+    if not isinstance(completion, str) or len(completion) > MAX_COMPLETION_CHARS:
+        return 0.0
+    try:
+        r = float(fn(completion, example))
+    except Exception:  # noqa: BLE001 - a reward must never crash training
+        return 0.0
+    return r if math.isfinite(r) else 0.0
+
+
+@dataclass
+class Task:
+    """A reasoning task: examples -> prompt text; (completion, example) -> reward.
+
+    template: str.format template over the example's fields ("{question}", "{numbers}", ...).
+    sampler: (random.Random, n) -> list of examples (None: the task has a fixed list only).
+    answer_fn: (completion) -> extracted answer string or None (for diagnostics)."""
+
+    name: str
+    reward_fn: RewardFn
+    template: str = "{question}"
+    sampler: Callable[[random.Random, int], list] | None = None
+    answer_fn: Callable[[str], str | None] = lambda text: text.strip() or None
+    examples: list = field(default_factory=list)
+
+    def prompt(self, example: Example) -> str:
+        try:
+            return self.template.format(**example)
+        except KeyError as e:
+            raise ValueError(f"prompt template {self.template!r} uses field {e} that {self.name} examples "
+                             f"do not have; available: {sorted(example)}") from None
+
+    def sample(self, rng: random.Random, n: int) -> list:
+        if self.sampler is not None:
+            return self.sampler(rng, n)
+        if not self.examples:
+            raise ValueError(f"task {self.name} has neither a sampler nor examples")
+        return [self.examples[rng.randrange(len(self.examples))] for _ in range(n)]
+
+    def reward(self, completion: str, example: Example) -> float:
+        return safe_reward(self.reward_fn, completion, example)
+
+    def score_batch(self, completions: Sequence[str], examples: Sequence[Example]) -> np.ndarray:
+        if len(completions) != len(examples):
+            raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
+        return np.asarray([self.reward(c, e) for c, e in zip(completions, examples)], np.float32)
+
+    def answer(self, completion: str) -> str | None:
+        try:
+            return self.answer_fn(completion) if isinstance(completion, str) else None
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def custom_task(reward_fn: RewardFn, examples: Sequence[Example] | None = None, *, name: str = "custom",
+                template: str = "{question}", sampler=None) -> Task:
+    """Any user reward on decoded text. reward_fn(completion: str, example: dict) -> float."""
+    if not callable(reward_fn):
+        raise TypeError(f"reward_fn must be callable (completion, example) -> float, got {type(reward_fn).__name__}")
+    return Task(name, reward_fn, template, sampler, examples=list(examples or []))
+
+
+def extract_tagged(text: str, tag: str = "answer") -> str | None:
+    """Content of the last <tag>...</tag> in text (None if absent)."""
+    found = re.findall(rf"<{tag}>(.*?)</{tag}>", text, flags=re.DOTALL)
+    return found[-1].strip() if found else None
+
+
+# ---------------------------------------------------------------------------------------
+# Countdown
+# ---------------------------------------------------------------------------------------
+
+COUNTDOWN_TEMPLATE = (
+    "Using the numbers {numbers_csv}, create an expression that equals {target}. "
+    "Use each number exactly once and only + - * / and parentheses. "
+    "Give the final expression inside <answer> </answer> tags, for example <answer>(1 + 2) * 3</answer>."
+)
+_OPS = ("+", "-", "*", "/")
+
+
+@dataclass(frozen=True)
+class CountdownSpec:
+    """Problem sizes (reasoning-gym's countdown defaults: 4-6 numbers in 1..100, target 100..999)."""
+
+    min_numbers: int = 4
+    max_numbers: int = 6
+    min_value: int = 1
+    max_value: int = 100
+    min_target: int = 100
+    max_target: int = 999
+    use_all: bool = True  # every number must be used (reasoning-gym's rule)
+
+    def check(self) -> CountdownSpec:
+        if not 2 <= self.min_numbers <= self.max_numbers:
+            raise ValueError(f"countdown: need 2 <= min_numbers <= max_numbers, got {self.min_numbers}, {self.max_numbers}")
+        if not 1 <= self.min_value <= self.max_value:
+            raise ValueError(f"countdown: need 1 <= min_value <= max_value, got {self.min_value}, {self.max_value}")
+        if not self.min_target <= self.max_target:
+            raise ValueError(f"countdown: need min_target <= max_target, got {self.min_target}, {self.max_target}")
+        return self
+
+
+def _apply(op: str, a: Fraction, b: Fraction) -> Fraction | None:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    return a / b if b != 0 else None
+
+
+def random_expression(rng: random.Random, numbers: Sequence[int]) -> tuple[str, Fraction]:
+    """A random fully-parenthesised expression using every number once, and its exact value."""
+    items = [(str(n), Fraction(n)) for n in numbers]
+    rng.shuffle(items)
+    while len(items) > 1:
+        i, j = rng.sample(range(len(items)), 2)
+        (ea, va), (eb, vb) = items[i], items[j]
+        op = rng.choice(_OPS)
+        v = _apply(op, va, vb)
+        if v is None:
+            op, v = "+", va + vb
+        items = [x for k, x in enumerate(items) if k not in (i, j)] + [(f"({ea} {op} {eb})", v)]
+    return items[0]
+
+
+def solve_countdown(numbers: Sequence[int], target: int, *, use_all: bool = True) -> str | None:
+    """Brute force: an expression over `numbers` equal to `target` (None if there is none).
+
+    Repeatedly combine two of the remaining values with + - * / (exact fractions), depth first,
+    with memoisation on the multiset of remaining values. Returns a minimally-parenthesised
+    expression string. Cost grows fast with len(numbers): fine up to 6."""
+    target = Fraction(target)
+    seen: set = set()
+
+    def search(items):  # items: tuple of (value, expr, precedence)
+        if use_all is False or len(items) == 1:
+            for v, e, _ in items:
+                if v == target:
+                    return e
+            if len(items) == 1:
+                return None
+        key = tuple(sorted(v for v, _, _ in items))
+        if key in seen:
+            return None
+        seen.add(key)
+        n = len(items)
+        for i in range(n):
+            for j in range(n):
+                if i == j:
+                    continue
+                (va, ea, pa), (vb, eb, pb) = items[i], items[j]
+                rest = tuple(items[k] for k in range(n) if k not in (i, j))
+                for op in _OPS:
+                    if op in "+*" and i > j:
+                        continue  # commutative: one order suffices
+                    v = _apply(op, va, vb)
+                    if v is None:
+                        continue
+                    prec = 1 if op in "+-" else 2
+                    left = ea if pa >= prec else f"({ea})"
+                    # right operand of - and / needs brackets at equal precedence
+                    right = eb if pb > prec or (pb == prec and op in "+*") else f"({eb})"
+                    found = search(rest + ((v, f"{left} {op} {right}", prec),))
+                    if found is not None:
+                        return found
+        return None
+
+    return search(tuple((Fraction(x), str(x), 3) for x in numbers))
+
+
+_ALLOWED_CHARS = re.compile(r"^[\d+\-*/().\s]+$")
+
+
+def evaluate_expression(expr: str) -> tuple[Fraction, list[int]]:
+    """Exact value of an arithmetic expression and the integer literals it uses, in order.
+
+    Only non-negative integer literals, + - * / and parentheses (and unary minus) are accepted;
+    anything else raises ValueError. Division by zero raises ZeroDivisionError."""
+    if not _ALLOWED_CHARS.match(expr) or len(expr) > 500:
+        raise ValueError(f"not a plain arithmetic expression: {expr[:80]!r}")
+    tree = ast.parse(expr.strip(), mode="eval")
+    used: list[int] = []
+
+    def ev(node) -> Fraction:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            used.append(node.value)
+            return Fraction(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in (ast.Add, ast.Sub, ast.Mult, ast.Div):
+            a, b = ev(node.left), ev(node.right)
+            op = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}[type(node.op)]
+            if op == "/" and b == 0:
+                raise ZeroDivisionError("division by zero")
+            return _apply(op, a, b)
+        raise ValueError(f"unsupported syntax {type(node).__name__}")
+
+    return ev(tree), used
+
+
+def countdown_answer(completion: str) -> str | None:
+    """The expression a completion proposes: the last <answer>..</answer>, else its last line."""
+    tagged = extract_tagged(completion)
+    if tagged is not None:
+        return tagged or None
+    lines = [ln.strip() for ln in completion.strip().splitlines() if ln.strip()]
+    if not lines:
+        return None
+    last = lines[-1].split("=")[0].strip()  # "3 * 5 + 7 = 22" -> "3 * 5 + 7"
+    return last or None
+
+
+def score_countdown(expr: str | None, numbers: Sequence[int], target: int, *, use_all: bool = True,
+                    partial: float = 0.0) -> float:
+    """1.0 if expr uses the numbers by the rules and equals target exactly; `partial` for a
+    well-formed expression that breaks a rule or misses the target (reasoning-gym gives 0.05);
+    0.0 for no expression or one that does not parse."""
+    if not expr:
+        return 0.0
+    try:
+        value, used = evaluate_expression(expr)
+    except (ValueError, SyntaxError, ZeroDivisionError, RecursionError, OverflowError):
+        return 0.0
+    pool = sorted(int(n) for n in numbers)
+    if use_all:
+        ok_numbers = sorted(used) == pool
+    else:
+        ok_numbers = all(used.count(u) <= pool.count(u) for u in set(used))
+    return 1.0 if ok_numbers and value == Fraction(int(target)) else float(partial)
+
+
+def _builtin_countdown(rng: random.Random, spec: CountdownSpec) -> Example:
+    for _ in range(10_000):
+        k = rng.randint(spec.min_numbers, spec.max_numbers)
+        numbers = [rng.randint(spec.min_value, spec.max_value) for _ in range(k)]
+        expr, value = random_expression(rng, numbers)
+        if value.denominator == 1 and spec.min_target <= value <= spec.max_target:
+            return countdown_example(numbers, int(value), expr)
+    raise ValueError(f"countdown: could not draw a problem with target in [{spec.min_target}, "
+                     f"{spec.max_target}] from {spec}; widen the target range")
+
+
+def countdown_example(numbers: Sequence[int], target: int, solution: str | None = None) -> Example:
+    numbers = [int(n) for n in numbers]
+    return {"numbers": numbers, "target": int(target), "solution": solution,
+            "numbers_csv": ", ".join(map(str, numbers)), "numbers_str": " ".join(map(str, numbers)),
+            "question": f"Using the numbers {', '.join(map(str, numbers))}, make {int(target)}."}
+
+
+def _reasoning_gym_countdown(rng: random.Random, n: int, spec: CountdownSpec) -> list:
+    import reasoning_gym
+
+    data = reasoning_gym.create_dataset(
+        "countdown", size=n, seed=rng.randrange(2**31), min_numbers=spec.min_numbers,
+        max_numbers=spec.max_numbers, min_value=spec.min_value, max_value=spec.max_value,
+        min_target=spec.min_target, max_target=spec.max_target)
+    out = []
+    for entry in data:
+        md = entry["metadata"]
+        ex = countdown_example(md["numbers"], md["target"], md.get("expression"))
+        ex["rg_entry"] = entry
+        out.append(ex)
+    return out
+
+
+def have_reasoning_gym() -> bool:
+    try:
+        import reasoning_gym  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def countdown_task(spec: CountdownSpec | None = None, *, template: str = COUNTDOWN_TEMPLATE,
+                   source: str = "auto", partial: float = 0.0,
+                   answer_fn: Callable[[str], str | None] = countdown_answer) -> Task:
+    """Countdown with `spec` sizes. source: "auto" (reasoning-gym if installed), "reasoning_gym",
+    or "builtin" picks the generator. Scoring is ours in both cases, with reasoning-gym's rules
+    (all numbers exactly once, value equal to the target) but exact rational arithmetic instead
+    of its float tolerance: 1.0 if right, `partial` for a well-formed wrong expression
+    (reasoning-gym's scorer uses 0.05), 0.0 when no expression can be parsed (reasoning-gym
+    gives 0.01 there; the brief for this project is that malformed output scores 0)."""
+    spec = (spec or CountdownSpec()).check()
+    if source == "auto":
+        source = "reasoning_gym" if have_reasoning_gym() else "builtin"
+    if source == "reasoning_gym" and not have_reasoning_gym():
+        raise ModuleNotFoundError("countdown source 'reasoning_gym' needs `pip install reasoning-gym` "
+                                  "(or use source='builtin')")
+    if source not in ("reasoning_gym", "builtin"):
+        raise ValueError(f"countdown source must be auto, reasoning_gym or builtin, got {source!r}")
+
+    if source == "reasoning_gym":
+        def sampler(rng, n):
+            return _reasoning_gym_countdown(rng, n, spec)
+    else:
+        def sampler(rng, n):
+            return [_builtin_countdown(rng, spec) for _ in range(n)]
+
+    def reward(completion, ex):
+        return score_countdown(answer_fn(completion), ex["numbers"], ex["target"], use_all=spec.use_all,
+                               partial=partial)
+
+    return Task(f"countdown[{source}]", reward, template, sampler, answer_fn)
+
+
+# ---------------------------------------------------------------------------------------
+# GSM8K
+# ---------------------------------------------------------------------------------------
+
+GSM8K_TEMPLATE = ("{question}\nSolve the problem step by step, then give the final numeric answer "
+                  "after '####'.")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def gsm8k_reference(answer_field: str) -> str:
+    """The numeric answer after '####' in a GSM8K answer field, commas removed."""
+    if "####" not in answer_field:
+        raise ValueError(f"GSM8K answer field has no '####': {answer_field[-80:]!r}")
+    return answer_field.split("####")[-1].strip().replace(",", "")
+
+
+def _last_boxed(text: str) -> str | None:
+    i = text.rfind("\\boxed{")
+    if i < 0:
+        return None
+    depth, j = 1, i + len("\\boxed{")
+    start = j
+    while j < len(text) and depth:
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        j += 1
+    return text[start:j - 1].strip() if depth == 0 else None
+
+
+def extract_final_answer(text: str) -> str | None:
+    r"""Final answer of a maths completion: \boxed{..}, then '#### x', 'answer is x', <answer>,
+    then the last number in the text."""
+    for cand in (_last_boxed(text), extract_tagged(text)):
+        if cand:
+            return cand
+    m = re.findall(r"####\s*([^\n]+)", text)
+    if m:
+        return m[-1].strip()
+    m = re.findall(r"answer is[:\s]*\$?\s*([^\s\n]+)", text, flags=re.IGNORECASE)
+    if m:
+        return m[-1].strip().rstrip(".")
+    nums = _NUMBER.findall(text)
+    return nums[-1] if nums else None
+
+
+def parse_number(text: str | None) -> float | None:
+    """First number in text ('$1,234.50' -> 1234.5; '3/4' -> 0.75); None if there is none."""
+    if not text:
+        return None
+    t = text.replace(",", "").replace("$", "").strip()
+    frac = re.fullmatch(r"(-?\d+)\s*/\s*(\d+)", t)
+    if frac and int(frac.group(2)) != 0:
+        return int(frac.group(1)) / int(frac.group(2))
+    m = _NUMBER.search(t)
+    return float(m.group(0).replace(",", "")) if m else None
+
+
+def have_math_verify() -> bool:
+    try:
+        import math_verify  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def numeric_match(pred: str | None, reference: str, *, rel_tol: float = 1e-6) -> bool:
+    a, b = parse_number(pred), parse_number(reference)
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-9)
+
+
+def math_match(pred: str | None, reference: str, *, use_math_verify: bool | None = None) -> bool:
+    """Is pred the same answer as reference? math-verify when installed, else numeric."""
+    if not pred:
+        return False
+    if use_math_verify is None:
+        use_math_verify = have_math_verify()
+    if use_math_verify:
+        from math_verify import parse, verify
+
+        gold, guess = parse(reference), parse(pred)
+        if gold and guess and verify(gold, guess):
+            return True
+    return numeric_match(pred, reference)
+
+
+def gsm8k_examples(split: str = "test", *, path: str | None = None, limit: int | None = None) -> list:
+    """GSM8K examples {"question", "answer" (full solution), "reference" (number)}.
+
+    path: a local .jsonl file with "question" and "answer" fields, or a Hugging Face dataset id /
+    directory (default "openai/gsm8k", config "main") loaded with `datasets`."""
+    rows: list
+    if path and Path(path).is_file():
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    else:
+        try:
+            import datasets
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError("GSM8K needs Hugging Face `datasets` (pip install 'eggroll-jax[llm]') "
+                                      "or a local JSONL file via path=...") from e
+        ds = datasets.load_dataset(path or "openai/gsm8k", "main", split=split)
+        rows = list(ds)
+    out = []
+    for i, row in enumerate(rows[:limit] if limit else rows):
+        if "question" not in row or "answer" not in row:
+            raise ValueError(f"GSM8K row {i} needs 'question' and 'answer' fields, has {sorted(row)}")
+        out.append({"question": row["question"], "answer": row["answer"],
+                    "reference": gsm8k_reference(row["answer"])})
+    return out
+
+
+def gsm8k_task(examples: Sequence[Example], *, template: str = GSM8K_TEMPLATE,
+               use_math_verify: bool | None = None) -> Task:
+    """GSM8K reward: 1.0 if the completion's final answer equals the reference, else 0.0."""
+    def reward(completion, ex):
+        return 1.0 if math_match(extract_final_answer(completion), ex["reference"],
+                                 use_math_verify=use_math_verify) else 0.0
+
+    return Task("gsm8k", reward, template, None, extract_final_answer, examples=list(examples))

@@ -1,0 +1,101 @@
+"""countdown-mini end to end (tiny settings) and the shared EGGROLL / GRPO fine-tuning harness."""
+
+import json
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from eggroll.models import transformer as tfm
+from eggroll.recipes import countdown_mini as cm
+from eggroll.tasks.char_tokenizer import CharTokenizer
+from eggroll.tasks.finetune import es_finetuner, grpo_finetuner, llm_kinds
+from eggroll.tasks.reasoning import custom_task
+
+TINY = tfm.TransformerConfig(vocab_size=CharTokenizer().vocab_size, hidden_size=16, num_layers=1, num_heads=2,
+                             num_kv_heads=1, head_dim=8, intermediate_size=32, max_position=64)
+
+
+def _count_sevens(text, ex):
+    return text.count("7") / 4
+
+
+def test_es_step_frozen_vectors_and_fitness_shape():
+    tok = CharTokenizer()
+    task = custom_task(_count_sevens, [{"question": "1 2>3:"}, {"question": "4 5>9:"}, {"question": "9>9:"}])
+    params = tfm.init_params(jax.random.PRNGKey(0), TINY, std=0.3)
+    ft = es_finetuner(TINY, tok, task, optax.sgd(0.1), population=8, sigma=0.05, prompt_len=6, max_new_tokens=4,
+                      kinds=llm_kinds(embeddings=False, head=True))
+    st = ft.init(jax.random.PRNGKey(1), params)
+    new, m = ft.step(st, task.examples)
+    assert m["samples"] == 8 * 3 and 0 <= m["no_signal_frac"] <= 1 and np.isfinite(m["update_norm"])
+    flat0 = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    for path, x in jax.tree_util.tree_flatten_with_path(new.params)[0]:
+        name = jax.tree_util.keystr(path)
+        same = bool(jnp.array_equal(x, flat0[path]))
+        if x.ndim == 1 or "embed_tokens" in name:
+            assert same, f"{name} should be frozen"
+    if m["no_signal_frac"] < 1:
+        assert not jnp.array_equal(new.params["lm_head"]["weight"], params["lm_head"]["weight"])
+    assert int(new.es_state.generation) == 1
+
+
+@pytest.mark.slow
+def test_es_step_chunked_generation_matches_whole():
+    tok = CharTokenizer()
+    task = custom_task(_count_sevens, [{"question": "1 2>3:"}, {"question": "4 5>9:"}, {"question": "9>9:"}])
+    params = tfm.init_params(jax.random.PRNGKey(0), TINY, std=0.3)
+    out = []
+    for max_rows in (8, None):  # 24 rows in chunks of 8, or all at once
+        ft = es_finetuner(TINY, tok, task, optax.sgd(0.1), population=8, sigma=0.05, prompt_len=6,
+                          max_new_tokens=4, max_rows=max_rows)
+        out.append(ft.step(ft.init(jax.random.PRNGKey(1), params), task.examples))
+    assert out[0][1]["mean_reward"] == out[1][1]["mean_reward"]
+    for a, b in zip(jax.tree_util.tree_leaves(out[0][0].params), jax.tree_util.tree_leaves(out[1][0].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_grpo_step_runs_on_harness():
+    tok = CharTokenizer()
+    task = custom_task(_count_sevens, [{"question": "1 2>3:"}, {"question": "4 5>9:"}])
+    params = tfm.init_params(jax.random.PRNGKey(0), TINY, std=0.3)
+    ft = grpo_finetuner(TINY, tok, task, optax.adam(1e-2), group_size=4, prompt_len=6, max_new_tokens=4,
+                        kl_coef=0.1, ref_params=params)
+    st = ft.init(jax.random.PRNGKey(2), params)
+    _, m = ft.step(st, task.examples)
+    assert m["samples"] == 8 and np.isfinite(m["loss"]) and "kl" in m
+    with pytest.raises(ValueError, match="ref_params"):
+        grpo_finetuner(TINY, tok, task, optax.sgd(1.0), group_size=2, prompt_len=6, max_new_tokens=4, kl_coef=0.1)
+
+
+def test_problem_sets_disjoint_and_solved():
+    cfg = cm.Config(sft_problems=200, eval_problems=50, progress=False)
+    task = cm.make_task(cfg)
+    held, train = cm.problem_sets(cfg, task)
+    assert len(held) == 50 and len(train) == 200
+    assert not {cm._key(e) for e in held} & {cm._key(e) for e in train}
+    for ex in random.Random(0).sample(train, 20):
+        assert task.reward(ex["solution"], ex) == 1.0
+        assert len(task.prompt(ex)) <= cm.PROMPT_LEN and len(ex["solution"]) < cfg.max_new_tokens
+
+
+def test_countdown_mini_smoke(tmp_path):
+    cfg = cm.Config(run_dir=str(tmp_path / "run"), hidden=16, layers=1, sft_problems=200, sft_max_steps=20,
+                    sft_batch=16, eval_problems=16, budget_s=1.0, eval_every_s=0.5, population=4, es_prompts=2,
+                    grpo_prompts=2, group_size=2, progress=False)
+    res = cm.run(cfg)
+    for k in ("eggroll_accuracy", "grpo_accuracy", "start_accuracy", "budget_s"):
+        assert res[k] is not None
+    assert 0 <= res["eggroll_accuracy"] <= 1 and res["budget_s"] == 1.0
+    recs = [json.loads(x) for x in (tmp_path / "run" / "curves.jsonl").read_text().splitlines()]
+    assert {r["strategy"] for r in recs} == {"eggroll", "grpo"} and all(r["train_s"] <= 5 for r in recs)
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+    assert (tmp_path / "run" / "sft" / "arrays.safetensors").exists()
+    # a second run reuses the SFT checkpoint and skips finished (strategy, seed) runs
+    res2 = cm.run(cfg)
+    assert res2["eggroll_accuracy"] == res["eggroll_accuracy"] and res2["start_accuracy"] == res["start_accuracy"]
+    with pytest.raises(ValueError, match="population"):
+        cm.validate(cm.Config(population=3))

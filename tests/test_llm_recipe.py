@@ -1,0 +1,86 @@
+"""`eggroll train llm` on a tiny random checkpoint saved locally: runs, logs, resumes exactly."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("tokenizers")
+
+from eggroll.checkpoint import load_checkpoint
+from eggroll.models import hf
+from eggroll.models import transformer as tfm
+from eggroll.recipes import llm
+
+CHARS = list("0123456789+-*/() <>,.:=answerUsingthembcqkfloyxdpEGiv")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models
+
+    d = tmp_path_factory.mktemp("tiny")
+    vocab = {"<eos>": 0, **{c: i + 1 for i, c in enumerate(dict.fromkeys(CHARS))}, "<unk>": len(CHARS) + 1}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    cfg = tfm.TransformerConfig(vocab_size=len(vocab), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                head_dim=8, intermediate_size=32, max_position=512, qkv_bias=True)
+    hf.save_pretrained(str(d), tfm.init_params(jax.random.PRNGKey(0), cfg, std=0.3), cfg)
+    return str(d)
+
+
+def _cfg(tiny_ckpt, run_dir, **kw):
+    base = {"model": tiny_ckpt, "task": "countdown", "strategy": "eggroll", "steps": 2, "prompts": 2,
+            "population": 4, "max_new_tokens": 6, "max_prompt_tokens": 16, "eval_every": 1, "eval_problems": 4,
+            "checkpoint_every": 1, "sigma": 0.05, "lr": 0.01, "run_dir": str(run_dir), "progress": False,
+            "template": "{numbers_csv}={target}:"}
+    return llm.Config(**{**base, **kw})
+
+
+def test_llm_eggroll_one_step_logs_diagnostics(tiny_ckpt, tmp_path):
+    res = llm.run(_cfg(tiny_ckpt, tmp_path / "one", steps=1))
+    assert res["steps"] == 1 and 0 <= res["val_accuracy"] <= 1
+    recs = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert {"no_signal_frac", "truncation_rate", "distinct_answers", "mean_reward", "val_accuracy"} <= set(recs[-1])
+    assert (tmp_path / "one" / "checkpoint" / "arrays.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_llm_eggroll_resumes_exactly(tiny_ckpt, tmp_path):
+    full = llm.run(_cfg(tiny_ckpt, tmp_path / "full"))
+    assert full["steps"] == 2
+    llm.run(_cfg(tiny_ckpt, tmp_path / "part", steps=1))
+    llm.run(_cfg(tiny_ckpt, tmp_path / "part", steps=2, resume=True))
+    a, _ = load_checkpoint(tmp_path / "full" / "checkpoint", _template(tiny_ckpt))
+    b, meta = load_checkpoint(tmp_path / "part" / "checkpoint", _template(tiny_ckpt))
+    assert meta["step"] == 2
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(ValueError, match="cannot resume"):
+        llm.run(_cfg(tiny_ckpt, tmp_path / "part", steps=3, sigma=0.1, resume=True))
+
+
+def _template(tiny_ckpt):
+    pre = hf.load_pretrained(tiny_ckpt)
+    cfg = _cfg(tiny_ckpt, "unused")
+    tok = llm.HFTokenizer(pre.tokenizer, pre.eos_ids)
+    task, _ = llm.make_task(cfg, None)
+    return llm.make_finetuner(cfg, pre.cfg, tok, task, pre.params).init(jax.random.PRNGKey(0), pre.params)
+
+
+@pytest.mark.slow
+def test_llm_grpo_runs_and_exports(tiny_ckpt, tmp_path):
+    res = llm.run(_cfg(tiny_ckpt, tmp_path / "g", strategy="grpo", group_size=2, export=True, kl_coef=0.1))
+    assert res["steps"] == 2
+    back = hf.load_pretrained(str(tmp_path / "g" / "hf"))
+    assert back.cfg.hidden_size == 16
+
+
+def test_llm_config_errors(tiny_ckpt):
+    with pytest.raises(ValueError, match="--model"):
+        llm.validate(llm.Config())
+    with pytest.raises(ValueError, match="countdown_numbers"):
+        llm.validate(llm.Config(model="x", countdown_numbers="3"))
