@@ -21,6 +21,7 @@ import typing
 # One entry per line, please: each recipe / bench / tool adds exactly one line here.
 RECIPES = {
     "cartpole": ("eggroll.recipes.cartpole", "MLP policy on gymnax CartPole-v1 (EGGROLL or OpenES)"),
+    "rl": ("eggroll.recipes.rl", "any JAX RL env (gymnax, brax, jumanji, navix, craftax, MPE...): EGGROLL, OpenES or PPO"),
 }
 BENCHES = {
     "throughput": ("eggroll.bench.throughput", "population forward / update / generation vs batched inference and OpenES"),
