@@ -20,8 +20,9 @@ every `eval_every` generations the deterministic unperturbed policy plays `eval_
 episodes (eval_return). One compile serves all seeds (the seed is an argument, not a constant).
 Files: run_dir/seed<k>/{metrics.jsonl, curve.png, result.json, checkpoint/}, run_dir/config.json,
 run_dir/result.json. The final JSON: env, strategy, mean_return (mean over seeds of the final
-eval return), stderr (over seeds), wall_s (mean per seed, compilation included), env_steps (mean
-per seed), plus per-seed details. Hyperparameters: flags > PRESETS[env] > DEFAULTS.
+eval return), stderr (over seeds), wall_s (mean per seed of the training wall clock: set-up and
+compilation are done once before the seeds and reported as compile_s; evaluations are excluded),
+env_steps (mean per seed), plus per-seed details. Hyperparameters: flags > PRESETS[env] > DEFAULTS.
 """
 
 from __future__ import annotations
@@ -279,42 +280,53 @@ def make_trainer(cfg: Config, hp: dict | None = None) -> Trainer:
     return make_es_trainer(env, cfg.strategy, hp, cfg.budget_steps, cfg.chunk, cfg.eval_episodes)
 
 
-def train_seed(trainer: Trainer, cfg: Config, seed: int, run_dir: Path, t_build: float = 0.0,
-               on_eval: Callable | None = None) -> dict:
-    """Train one seed until the budget is spent; metrics.jsonl holds eval_return vs env_steps / wall_s.
-    t_build: seconds spent building the trainer (counted in the first seed's wall clock)."""
-    t0 = time.perf_counter() - t_build
+def warm_up(trainer: Trainer, seed: int = 0) -> float:
+    """Compile init / step / evaluate once (a throwaway generation); returns the seconds spent."""
+    t0 = time.perf_counter()
+    state = trainer.init(seed)
+    jax.block_until_ready(trainer.evaluate(state, jax.random.PRNGKey(0)))
+    jax.block_until_ready(trainer.step(state)[1])
+    return time.perf_counter() - t0
+
+
+def train_seed(trainer: Trainer, cfg: Config, seed: int, run_dir: Path, on_eval: Callable | None = None) -> dict:
+    """Train one seed until the budget is spent. metrics.jsonl holds eval_return against env_steps
+    and train_s (training wall clock: evaluations excluded; call warm_up first so compilation is too)."""
     eval_key = jax.random.fold_in(jax.random.PRNGKey(seed), 10**6)
     log = RunLog(run_dir, total=None, plot_keys=[("eval_return",), ("fitness_mean", "train_return")],
                  postfix_keys=["eval_return", "env_steps"], progress=None if cfg.progress else False,
-                 desc=f"{cfg.env} {cfg.strategy} seed {seed}", start_time=t0,
-                 title=f"{cfg.env}, {cfg.strategy}, seed {seed}")
+                 desc=f"{cfg.env} {cfg.strategy} seed {seed}", title=f"{cfg.env}, {cfg.strategy}, seed {seed}")
     state = trainer.init(seed)
-    gen, env_steps = 0, 0
+    gen, env_steps, eval_s = 0, 0, 0.0
 
     def evaluate():
+        nonlocal eval_s
+        t = time.perf_counter()
         r = float(np.mean(jax.device_get(trainer.evaluate(state, jax.random.fold_in(eval_key, gen)))))
+        eval_s += time.perf_counter() - t
         if on_eval is not None:
             on_eval(r)
         return r
 
+    def out_of_budget():
+        return env_steps >= cfg.budget_steps or bool(cfg.budget_wall_s and log.elapsed - eval_s >= cfg.budget_wall_s)
+
     ret = evaluate()
-    log.log(0, {"eval_return": ret, "env_steps": 0})
+    log.log(0, {"eval_return": ret, "env_steps": 0, "train_s": 0.0})
     try:
-        while env_steps < cfg.budget_steps and not (cfg.budget_wall_s and log.elapsed >= cfg.budget_wall_s):
+        while not out_of_budget():
             state, m = trainer.step(state)
             gen += 1
             m = jax.device_get(m)
             env_steps += int(m.pop("env_steps"))
             rec = {k: float(v) for k, v in m.items()}
-            rec["env_steps"] = env_steps
-            done = env_steps >= cfg.budget_steps or (cfg.budget_wall_s and log.elapsed >= cfg.budget_wall_s)
-            if gen % cfg.eval_every == 0 or done:
+            rec.update(env_steps=env_steps, train_s=round(log.elapsed - eval_s, 4))
+            if gen % cfg.eval_every == 0 or out_of_budget():
                 ret = evaluate()
                 rec["eval_return"] = ret
             log.log(gen, rec)
         result = {"seed": seed, "final_return": ret, "generations": gen, "env_steps": env_steps,
-                  "wall_s": round(log.elapsed, 3)}
+                  "wall_s": round(log.elapsed - eval_s, 3), "eval_s": round(eval_s, 3)}
         save_checkpoint(run_dir / "checkpoint", trainer.params(state), {**result, "env": cfg.env})
         log.write_json("result", result)
     finally:
@@ -329,15 +341,14 @@ def run(cfg: Config) -> dict:
     run_dir = Path(cfg.run_dir or f"runs/rl-{cfg.env.replace('/', '_').replace(':', '_')}-{cfg.strategy}")
     t0 = time.perf_counter()
     trainer = make_trainer(cfg, hp)
-    t_build = time.perf_counter() - t0
+    compile_s = time.perf_counter() - t0 + warm_up(trainer, cfg.seed)
     write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "resolved": hp})
-    per_seed = [train_seed(trainer, cfg, cfg.seed + i, run_dir / f"seed{cfg.seed + i}",
-                           t_build if i == 0 else 0.0) for i in range(cfg.seeds)]
+    per_seed = [train_seed(trainer, cfg, cfg.seed + i, run_dir / f"seed{cfg.seed + i}") for i in range(cfg.seeds)]
     finals = [r["final_return"] for r in per_seed]
     result = {"env": trainer.env.name, "strategy": cfg.strategy, "mean_return": float(np.mean(finals)),
               "stderr": rlt.stderr(finals), "wall_s": round(float(np.mean([r["wall_s"] for r in per_seed])), 3),
               "env_steps": int(np.mean([r["env_steps"] for r in per_seed])), "seeds": cfg.seeds,
-              "num_params": trainer.num_params, "suite": trainer.env.suite, "per_seed": per_seed,
+              "compile_s": round(compile_s, 3), "num_params": trainer.num_params, "suite": trainer.env.suite, "per_seed": per_seed,
               "run_dir": str(run_dir)}
     write_json(run_dir / "result.json", result)
     return result
