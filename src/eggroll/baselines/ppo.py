@@ -118,11 +118,11 @@ def make_ppo_trainer(env: rlt.Env, hp: dict, eval_episodes: int, trainer_cls):
         done = ts.done | (t >= env.horizon)
         ep_ret = s.ep_ret + ts.reward.mean(-1)
         fresh_state, fresh_ts = reset_v(jax.random.split(k_reset, E))
-        pick = lambda new, old: jnp.where(done.reshape((E,) + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
+        pick = lambda new, old: jnp.where(done.reshape((E,) + (1,) * (new.ndim - 1)), new, old)
         env_state = jax.tree_util.tree_map(pick, fresh_state, env_state)
         next_ts = jax.tree_util.tree_map(pick, fresh_ts, ts)
-        trans = dict(obs=s.ts.obs, legal=s.ts.legal, action=action, logp=logp, value=value,
-                     reward=ts.reward, done=done, finished=jnp.where(done, ep_ret, 0.0))
+        trans = {"obs": s.ts.obs, "legal": s.ts.legal, "action": action, "logp": logp, "value": value,
+                     "reward": ts.reward, "done": done, "finished": jnp.where(done, ep_ret, 0.0)}
         s = s._replace(env_state=env_state, ts=next_ts, t=jnp.where(done, 0, t), ep_ret=jnp.where(done, 0.0, ep_ret))
         return s, trans
 

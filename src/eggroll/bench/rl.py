@@ -112,7 +112,7 @@ def table(rows: list[dict], methods: list[str]) -> str:
     for row in rows:
         res = row["results"]
         eg, oe = res.get("eggroll"), res.get("open_es")
-        sg = lambda r: "—" if r is None else f"{r['s_per_gen']:.3g}"  # noqa: E731
+        sg = lambda r: "—" if r is None else f"{r['s_per_gen']:.3g}"
         ratio = f"{eg['s_per_gen'] / oe['s_per_gen']:.2f}" if eg and oe else "—"
         params = next((r["num_params"] for r in res.values() if r), "—")
         lines.append("| " + " | ".join([row["env"], row["suite"], *(_fmt(res.get(m)) for m in methods),
@@ -149,7 +149,7 @@ def run(cfg: Config) -> dict:
                 cs = seed_curves(run_dir, seeds)
                 prev["s_per_gen"] = float(np.median([c["s_per_gen"] for c in cs]))
                 row["results"][method], curves[method] = prev, cs
-            except Exception as e:  # one broken env/method must not lose the rest of the bench
+            except Exception as e:  # noqa: BLE001 -- one broken env/method must not lose the rest of the bench
                 row["errors"][method] = f"{type(e).__name__}: {e}"[:400]
             print(json.dumps({"env": env, "method": method, "mean_return": row["results"].get(method, {}).get("mean_return"),
                               "error": row["errors"].get(method), "elapsed_s": round(time.perf_counter() - t0, 1)}),

@@ -30,12 +30,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
@@ -52,13 +52,13 @@ METHODS = ("eggroll", "open_es", "ppo")
 OPTIMIZERS: dict[str, Callable] = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}
 
 # Hyperparameters every run starts from (flags and presets override them).
-DEFAULTS: dict[str, Any] = dict(
-    population=64, sigma=0.1, rank=1, lr=0.02, lr_decay=1.0, optimizer="adam", hidden="256,256,256",
-    activation="tanh", shaping="centered_rank", episodes=1, max_steps=0,
+DEFAULTS: dict[str, Any] = {
+    "population": 64, "sigma": 0.1, "rank": 1, "lr": 0.02, "lr_decay": 1.0, "optimizer": "adam", "hidden": "256,256,256",
+    "activation": "tanh", "shaping": "centered_rank", "episodes": 1, "max_steps": 0,
     # PPO
-    ppo_lr=3e-4, num_envs=16, rollout_len=128, ppo_epochs=4, minibatches=4, gamma=0.99, gae_lambda=0.95,
-    clip_eps=0.2, ent_coef=0.01, vf_coef=0.5, max_grad_norm=0.5,
-)
+    "ppo_lr": 3e-4, "num_envs": 16, "rollout_len": 128, "ppo_epochs": 4, "minibatches": 4, "gamma": 0.99, "gae_lambda": 0.95,
+    "clip_eps": 0.2, "ent_coef": 0.01, "vf_coef": 0.5, "max_grad_norm": 0.5,
+}
 
 # Per-environment presets. "es" applies to eggroll and open_es, "ppo" to PPO. MPE values are the
 # paper's appendix choices for EGGROLL (3x64, lr 0.01, AdamW, rank 1; "no rank transform" -> z_score)
@@ -66,27 +66,27 @@ DEFAULTS: dict[str, Any] = dict(
 # for a small CPU budget (not from the paper; `eggroll tune` searches them).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "MPE_simple_spread_v3": {
-        "es": dict(activation="tanh", lr=0.01, lr_decay=0.7, hidden="64,64,64", population=128,
-                   optimizer="adamw", rank=1, sigma=0.5, shaping="z_score"),
-        "ppo": dict(hidden="64,64,64", ppo_lr=1e-3, ppo_epochs=4, minibatches=4, ent_coef=0.01)},
+        "es": {"activation": "tanh", "lr": 0.01, "lr_decay": 0.7, "hidden": "64,64,64", "population": 128,
+                   "optimizer": "adamw", "rank": 1, "sigma": 0.5, "shaping": "z_score"},
+        "ppo": {"hidden": "64,64,64", "ppo_lr": 1e-3, "ppo_epochs": 4, "minibatches": 4, "ent_coef": 0.01}},
     "MPE_simple_speaker_listener_v4": {
-        "es": dict(activation="tanh", lr=0.01, lr_decay=0.7, hidden="64,64,64", population=512,
-                   optimizer="adamw", rank=1, sigma=0.5, shaping="centered_rank"),
-        "ppo": dict(hidden="64,64,64", ppo_lr=1e-3, ppo_epochs=4, minibatches=4, ent_coef=0.01)},
+        "es": {"activation": "tanh", "lr": 0.01, "lr_decay": 0.7, "hidden": "64,64,64", "population": 512,
+                   "optimizer": "adamw", "rank": 1, "sigma": 0.5, "shaping": "centered_rank"},
+        "ppo": {"hidden": "64,64,64", "ppo_lr": 1e-3, "ppo_epochs": 4, "minibatches": 4, "ent_coef": 0.01}},
     "MPE_simple_reference_v3": {
-        "es": dict(activation="pqn", lr=0.01, lr_decay=0.3, hidden="64,64,64", population=4096,
-                   optimizer="adamw", rank=1, sigma=0.1, shaping="z_score"),
-        "ppo": dict(hidden="64,64,64", ppo_lr=1e-3, ppo_epochs=4, minibatches=4, ent_coef=0.01)},
-    "CartPole-v1": {"es": dict(sigma=0.1, lr=0.05), "ppo": dict(ppo_lr=3e-4)},
-    "Pendulum-v1": {"es": dict(sigma=0.1, lr=0.02, max_steps=200), "ppo": dict(ppo_lr=1e-3, ent_coef=0.0)},
-    "Acrobot-v1": {"es": dict(sigma=0.1, lr=0.05)},
-    "brax/inverted_double_pendulum": {"es": dict(sigma=0.05, lr=0.02), "ppo": dict(ent_coef=0.0)},
-    "brax/hopper": {"es": dict(sigma=0.05, lr=0.02), "ppo": dict(ent_coef=0.0)},
-    "Game2048-v1": {"es": dict(sigma=0.1, lr=0.02, max_steps=500)},
-    "Navix-DoorKey-5x5-v0": {"es": dict(sigma=0.1, lr=0.02)},
-    "Navix-DoorKey-8x8-v0": {"es": dict(sigma=0.1, lr=0.02)},
-    "Craftax-Classic-Symbolic-v1": {"es": dict(sigma=0.05, lr=0.02, max_steps=500)},
-    "Craftax-Symbolic-v1": {"es": dict(sigma=0.05, lr=0.02, max_steps=500)},
+        "es": {"activation": "pqn", "lr": 0.01, "lr_decay": 0.3, "hidden": "64,64,64", "population": 4096,
+                   "optimizer": "adamw", "rank": 1, "sigma": 0.1, "shaping": "z_score"},
+        "ppo": {"hidden": "64,64,64", "ppo_lr": 1e-3, "ppo_epochs": 4, "minibatches": 4, "ent_coef": 0.01}},
+    "CartPole-v1": {"es": {"sigma": 0.1, "lr": 0.05}, "ppo": {"ppo_lr": 3e-4}},
+    "Pendulum-v1": {"es": {"sigma": 0.1, "lr": 0.02, "max_steps": 200}, "ppo": {"ppo_lr": 1e-3, "ent_coef": 0.0}},
+    "Acrobot-v1": {"es": {"sigma": 0.1, "lr": 0.05}},
+    "brax/inverted_double_pendulum": {"es": {"sigma": 0.05, "lr": 0.02}, "ppo": {"ent_coef": 0.0}},
+    "brax/hopper": {"es": {"sigma": 0.05, "lr": 0.02}, "ppo": {"ent_coef": 0.0}},
+    "Game2048-v1": {"es": {"sigma": 0.1, "lr": 0.02, "max_steps": 500}},
+    "Navix-DoorKey-5x5-v0": {"es": {"sigma": 0.1, "lr": 0.02}},
+    "Navix-DoorKey-8x8-v0": {"es": {"sigma": 0.1, "lr": 0.02}},
+    "Craftax-Classic-Symbolic-v1": {"es": {"sigma": 0.05, "lr": 0.02, "max_steps": 500}},
+    "Craftax-Symbolic-v1": {"es": {"sigma": 0.05, "lr": 0.02, "max_steps": 500}},
 }
 
 
@@ -222,7 +222,7 @@ def make_es_trainer(env: rlt.Env, strategy: str, hp: dict, budget_steps: int, ch
     sizes = rlt.policy_sizes(env, hp["hidden"])
     if strategy == "eggroll" and hp["rank"] > min(sizes):
         raise ValueError(f"rank {hp['rank']} exceeds the smallest weight-matrix dimension {min(sizes)} ({sizes})")
-    kw = dict(antithetic=True, shaping=hp["shaping"])
+    kw = {"antithetic": True, "shaping": hp["shaping"]}
     es = (STRATEGIES["eggroll"](hp["population"], hp["sigma"], hp["rank"], **kw) if strategy == "eggroll"
           else STRATEGIES[strategy](hp["population"], hp["sigma"], **kw))
     # lr decays linearly to lr * lr_decay over the generations a budget of full-length episodes allows
@@ -249,9 +249,9 @@ def make_es_trainer(env: rlt.Env, strategy: str, hp: dict, budget_steps: int, ch
 
     if jax.local_device_count() > 1:
         replicated = NamedSharding(population_mesh(), PartitionSpec())
-        place = lambda tree: jax.device_put(tree, replicated)  # noqa: E731
+        place = lambda tree: jax.device_put(tree, replicated)
     else:
-        place = lambda tree: tree  # noqa: E731
+        place = lambda tree: tree
     gen_jit, init_jit = jax.jit(generation), jax.jit(init_params)
     eval_jit = jax.jit(lambda p, k: rlt.evaluate_policy(env, p, k, eval_episodes, act))
 

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,8 +92,8 @@ def _box_action(low, high, shape):
     return lambda a: low + (jnp.clip(a.reshape(shape), -1, 1) + 1) * 0.5 * (high - low)
 
 
-def _obs_size(reset, key=jax.random.PRNGKey(0)) -> int:
-    return int(jax.eval_shape(reset, key)[1].obs.shape[-1])
+def _obs_size(reset) -> int:
+    return int(jax.eval_shape(reset, jax.random.PRNGKey(0))[1].obs.shape[-1])
 
 
 def _need(module: str, suite: str, name: str, pip: str):
@@ -112,12 +113,12 @@ def from_gymnax(env, params, *, name="custom", suite="gymnax", max_steps=None, o
     discrete = hasattr(space, "n")
     if discrete:
         n_out = int(space.n)
-        to_env = lambda a: a[0]  # noqa: E731
+        to_env = lambda a: a[0]
     else:
         shape = tuple(space.shape)
         n_out = int(np.prod(shape))
         to_env_box = _box_action(space.low, space.high, shape)
-        to_env = lambda a: to_env_box(a[0])  # noqa: E731
+        to_env = lambda a: to_env_box(a[0])
     limit = getattr(params, "max_steps_in_episode", None) or getattr(params, "max_timesteps", None) or 1000
     horizon = int(min(limit, max_steps or limit))
 
