@@ -183,7 +183,7 @@ def test_gae_matches_brute_force():
     np.testing.assert_allclose(np.asarray(ret), want + v, rtol=1e-5, atol=1e-5)
 
 
-TINY = dict(hidden="16", population=16, eval_every=2, eval_episodes=8, progress=False, max_steps=200)
+TINY = {"hidden": "16", "population": 16, "eval_every": 2, "eval_episodes": 8, "progress": False, "max_steps": 200}
 
 
 @pytest.mark.parametrize("strategy", ["eggroll", "open_es"])
@@ -214,3 +214,21 @@ def test_cli_ppo_final_json_and_wall_budget(tmp_path, capsys):
 def test_bad_config_is_a_clear_error(capsys):
     assert cli.main(["train", "rl", "--population", "15", "--no-progress"]) == 2
     assert "even" in capsys.readouterr().err
+
+
+def test_tune_random_search_and_resume(tmp_path):
+    from eggroll import tune
+
+    space = json.dumps({"population": [8, 16], "sigma": [0.1, 0.3], "max_steps": [40], "eval_episodes": [2]})
+    cfg = tune.Config(env="CartPole-v1", trials=2, budget_steps=1500, hidden="8", space=space, out_dir=str(tmp_path))
+    res = tune.run(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and res["trials"] == 2
+    assert res["best_score"] == max(t["score"] for t in lines)
+    assert set(res["best"]) >= {"population", "sigma", "lr", "activation"} and res["best"]["max_steps"] == 40
+    assert res["command"].startswith("eggroll train rl --env CartPole-v1 --strategy eggroll --hidden 8")
+    assert json.loads((tmp_path / "best.json").read_text())["best"] == res["best"]
+    again = tune.run(cfg)  # every trial already done: nothing re-runs, same answer
+    assert again["best"] == res["best"] and len((tmp_path / "trials.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ValueError, match="not a tunable field"):
+        tune.run(tune.Config(space='{"budget_steps": [1]}', out_dir=str(tmp_path / "x")))

@@ -28,6 +28,7 @@ BENCHES = {
     "rl": ("eggroll.bench.rl", "EGGROLL vs OpenES vs PPO on several RL envs: results table, curves, speed ratios"),
 }
 TOOLS = {
+    "tune": ("eggroll.tune", "random search over the rl recipe's hyperparameters for any env (ES or PPO)"),
 }
 
 
