@@ -10,7 +10,8 @@ excluded, so every method and seed gets the same training time). Outputs in out_
     <env>/<method>/...      the recipe's run directories (metrics.jsonl per seed)
     <env>.png               eval return vs training wall clock and vs env steps, one line per
                             method: mean over seeds, band = +- stderr (curves interpolated onto
-                            a common grid up to the shortest seed's extent)
+                            a common grid up to the shortest seed's extent; env steps on a log
+                            axis, since methods spend steps at very different rates)
     results.md              table: final eval return mean +- stderr per method, and the speed
                             ratio EGGROLL / OpenES: median seconds per generation (both run the
                             same population, horizon and MLP, so this is the cost of the noise)
@@ -73,10 +74,15 @@ def seed_curves(run_dir: Path, seeds: list[int]) -> list[dict]:
     return out
 
 
-def mean_band(curves: list[dict], x: str, n: int = 60):
-    """Common grid up to the shortest seed's extent; mean and stderr of the interpolated returns."""
+def mean_band(curves: list[dict], x: str, n: int = 60, log: bool = False):
+    """Common grid up to the shortest seed's extent (geometric from the first evaluation after 0
+    if log); mean and stderr over seeds of the interpolated returns."""
     hi = min(c[x][-1] for c in curves)
-    grid = np.linspace(0, hi, n) if hi > 0 else np.zeros(1)
+    lo = min((c[x][c[x] > 0][0] for c in curves if (c[x] > 0).any()), default=0)
+    if hi <= 0:
+        grid = np.zeros(1)
+    else:
+        grid = np.geomspace(min(lo, hi), hi, n) if log and lo > 0 else np.linspace(0, hi, n)
     ys = np.stack([np.interp(grid, c[x], c["ret"]) for c in curves])
     se = ys.std(0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros(len(grid))
     return grid, ys.mean(0), se
@@ -89,11 +95,12 @@ def plot_env(env: str, curves: dict[str, list[dict]], path: Path, budget: str) -
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for method, cs in curves.items():
-        for ax, x, label in ((axes[0], "wall", "training wall clock (s)"), (axes[1], "steps", "env steps")):
-            g, m, se = mean_band(cs, x)
+        for ax, x, label in ((axes[0], "wall", "training wall clock (s)"), (axes[1], "steps", "env steps (log)")):
+            g, m, se = mean_band(cs, x, log=x == "steps")
             ax.plot(g, m, label=method)
             ax.fill_between(g, m - se, m + se, alpha=0.25)
             ax.set_xlabel(label)
+    axes[1].set_xscale("log")
     axes[0].set_ylabel(f"eval return (mean ± stderr, {len(next(iter(curves.values())))} seeds)")
     axes[0].legend()
     fig.suptitle(f"{env} ({budget})")
