@@ -18,7 +18,8 @@ excluded, so every method and seed gets the same training time). Outputs in out_
     results.json            everything above as data (the CLI's final JSON line)
 
 An (env, method) whose run directory already holds a result.json for the same seeds and budget
-is not re-run (resume a long bench by running the same command again).
+is not re-run (resume a long bench by running the same command again); `--report-only` rebuilds
+the table and plots from whatever has finished, training nothing.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Config:
     eval_every: int = _arg(2, "evaluate every k generations / updates")
     eval_episodes: int = _arg(8, "episodes per evaluation")
     out_dir: str = _arg("runs/bench-rl", "output directory")
+    report_only: bool = _arg(False, "train nothing: rebuild the table and plots from finished runs in out_dir")
     progress: bool = _arg(False, "progress bars")
 
 
@@ -151,6 +153,8 @@ def run(cfg: Config) -> dict:
             try:
                 prev = json.loads(done.read_text()) if done.exists() else None
                 if prev is None or prev.get("bench_key") != key:
+                    if cfg.report_only:
+                        raise FileNotFoundError(f"not run (no finished result in {run_dir})")
                     prev = {**recipe.run(rc), "bench_key": key}
                     write_json(done, prev)
                 cs = seed_curves(run_dir, seeds)
