@@ -10,4 +10,4 @@ def test_help_and_list_import_no_recipe():
             "[m for m in sys.modules if m.startswith('eggroll.')]")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert '"recipes": ["cartpole"]' in out.stdout
+    assert '"recipes": ["cartpole"' in out.stdout  # other recipes may follow in the sorted list
