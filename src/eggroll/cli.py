@@ -31,16 +31,19 @@ RECIPES = {
     "egg-backprop": ("eggroll.recipes.egg_backprop", "float32 minGRU byte LM trained by backprop (baseline for EGG)"),
     "countdown-mini": ("eggroll.recipes.countdown_mini", "tiny transformer on Countdown: SFT, then EGGROLL vs GRPO at equal time"),
     "llm": ("eggroll.recipes.llm", "fine-tune a Hugging Face LLM on countdown / gsm8k with EGGROLL or GRPO"),
+    "rl": ("eggroll.recipes.rl", "any JAX RL env (gymnax, brax, jumanji, navix, craftax, MPE...): EGGROLL, OpenES or PPO"),
 }
 BENCHES = {
     "throughput": ("eggroll.bench.throughput", "population forward / update / generation vs batched inference and OpenES"),
     "scaling": ("eggroll.bench.scaling", "bytes sent per generation (two model sizes) and population-step scaling over 1, 2, 4 devices / 2 processes"),
     "egg-population": ("eggroll.bench.egg_population", "EGG held-out bits/byte and peak RSS vs population (fixed generations, chunk)"),
     "generate": ("eggroll.bench.generate", "LLM sampler: generation with per-member noise vs plain batched generation"),
+    "rl": ("eggroll.bench.rl", "EGGROLL vs OpenES vs PPO on several RL envs: results table, curves, speed ratios"),
 }
 TOOLS = {
     "sample": ("eggroll.recipes.egg_sample", "generate text from a trained EGG checkpoint"),
     "corpus": ("eggroll.tasks.text", "convert a text corpus into the byte cache; print split sizes and n-gram bits/byte"),
+    "tune": ("eggroll.tune", "random search over the rl recipe's hyperparameters for any env (ES or PPO)"),
 }
 
 
