@@ -370,3 +370,13 @@ def test_scaling_bench_tiny():
     assert r["comm"]["2proc"]["large"]["sgd_bf16_bytes"] == 2 * r["comm"]["2proc"]["large"]["num_params"]
     for row in r["scaling"].values():
         assert row["gen_ms"] > 0 and row["speedup"] > 0
+
+
+def test_cli_refuses_multi_process_for_a_recipe_not_ready(capsys):
+    from eggroll import cli
+
+    # checked before jax.distributed starts: no coordinator is needed to see the refusal
+    flags = ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0"]
+    assert cli.main(["train", "egg", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "does not support multi-process" in err and "train cartpole" in err

@@ -40,6 +40,10 @@ BENCHES = {
     "generate": ("eggroll.bench.generate", "LLM sampler: generation with per-member noise vs plain batched generation"),
     "rl": ("eggroll.bench.rl", "EGGROLL vs OpenES vs PPO on several RL envs: results table, curves, speed ratios"),
 }
+# Commands that follow the multi-process contract (docs/DISTRIBUTED.md: shard over every process,
+# replicate state, write and checkpoint on process 0). Others refuse a multi-process launch
+# rather than have every process write its own files.
+MULTI_PROCESS_READY = {"train cartpole"}
 TOOLS = {
     "sample": ("eggroll.recipes.egg_sample", "generate text from a trained EGG checkpoint"),
     "corpus": ("eggroll.tasks.text", "convert a text corpus into the byte cache; print split sizes and n-gram bits/byte"),
@@ -124,6 +128,12 @@ def main(argv=None) -> int:
         print(f"eggroll: error: {e}", file=sys.stderr)
         return 2
     multi = launch.num_processes > 1
+    if multi and label not in MULTI_PROCESS_READY:
+        print(f"eggroll {label}: error: this command does not support multi-process runs yet "
+              f"(ready: {', '.join(sorted(MULTI_PROCESS_READY))}); run it as one process, without "
+              "--coordinator / --num-processes / --process-id (docs/DISTRIBUTED.md, 'The contract for a recipe')",
+              file=sys.stderr)
+        return 2
     if multi and "-h" not in rest and "--help" not in rest:
         distributed.initialize(launch, peer_timeout=peer_timeout)  # before anything touches a device
     mod = importlib.import_module(modname)
