@@ -51,6 +51,14 @@ TOOLS = {
 }
 
 
+def flag(default, help: str, choices=None):
+    """A Config dataclass field that becomes a command-line flag: its help text and choices."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = list(choices)
+    return dataclasses.field(default=default, metadata=meta)
+
+
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

@@ -19,11 +19,12 @@ import dataclasses
 import json
 import random
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .recipes import rl as recipe
 from .runlog import write_json
+from .cli import flag
 
 SPACES = {
     "es": {
@@ -45,11 +46,7 @@ SPACES = {
 }
 
 
-def _arg(default, help: str, choices=None):
-    meta = {"help": help}
-    if choices is not None:
-        meta["choices"] = list(choices)
-    return field(default=default, metadata=meta)
+_arg = flag  # Config field -> CLI flag (eggroll.cli.flag)
 
 
 @dataclass

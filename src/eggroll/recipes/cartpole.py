@@ -36,7 +36,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -51,6 +51,7 @@ from ..models.mlp import ACTIVATIONS, init_mlp, mlp
 from ..population import evaluate_population, population_mesh
 from ..shaping import SHAPINGS
 from ..strategy import STRATEGIES
+from ..cli import flag
 
 ENV_NAME = "CartPole-v1"
 OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
@@ -63,11 +64,7 @@ TRAJECTORY_FIELDS = ("strategy", "population", "sigma", "rank", "lr", "optimizer
                      "activation", "shaping", "antithetic", "noise_reuse", "episodes", "seed")
 
 
-def _arg(default, help: str, choices=None):
-    meta = {"help": help}
-    if choices is not None:
-        meta["choices"] = list(choices)
-    return field(default=default, metadata=meta)
+_arg = flag  # Config field -> CLI flag (eggroll.cli.flag)
 
 
 @dataclass

@@ -39,7 +39,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -53,6 +53,7 @@ from ..runlog import write_json
 from ..tasks.char_tokenizer import CharTokenizer
 from ..tasks.finetune import es_finetuner, evaluate_accuracy, grpo_finetuner, llm_kinds
 from ..tasks.reasoning import CountdownSpec, countdown_task, solve_countdown
+from ..cli import flag
 
 SPEC = CountdownSpec(min_numbers=3, max_numbers=3, min_value=1, max_value=10, min_target=1, max_target=100)
 TEMPLATE = "{numbers_str}>{target}:"
@@ -61,11 +62,7 @@ SFT_FIELDS = ("hidden", "layers", "sft_seed", "sft_problems", "sft_batch", "sft_
               "sft_max_steps", "eval_problems")
 
 
-def _arg(default, help: str, choices=None):
-    meta = {"help": help}
-    if choices is not None:
-        meta["choices"] = list(choices)
-    return field(default=default, metadata=meta)
+_arg = flag  # Config field -> CLI flag (eggroll.cli.flag)
 
 
 @dataclass

@@ -33,7 +33,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -48,17 +48,14 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..models import egg
 from ..population import evaluate_population
 from ..runlog import RunLog
+from ..cli import flag
 
 TRAJECTORY_FIELDS = ("population", "layers", "width", "residual_init", "rank", "sigma_shift", "alpha", "alpha_decay",
                      "fitness", "tokens_per_update", "group_size", "dataset", "max_bytes", "seed",
                      "generations", "noise_reuse", "table_size")
 
 
-def _arg(default, help: str, choices=None):
-    meta = {"help": help}
-    if choices is not None:
-        meta["choices"] = list(choices)
-    return field(default=default, metadata=meta)
+_arg = flag  # Config field -> CLI flag (eggroll.cli.flag)
 
 
 @dataclass

@@ -30,7 +30,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,6 +42,7 @@ from ..baselines import backprop as bp
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..runlog import RunLog
 from ..tasks.text import ByteSplits, load_corpus, ngram_bits_per_byte, stream_windows
+from ..cli import flag
 
 EGG_EVAL_STREAMS, EGG_EVAL_TOKENS = 32, 256  # recipes/egg.py defaults eval_streams, eval_tokens
 # Config fields that change the training trajectory: a resumed run must match them.
@@ -49,11 +50,7 @@ TRAJECTORY_FIELDS = ("dataset", "max_bytes", "text_column", "layers", "width", "
                      "seq_len", "steps", "lr", "warmup", "clip", "weight_decay", "seed")
 
 
-def _arg(default, help: str, choices=None):
-    meta = {"help": help}
-    if choices is not None:
-        meta["choices"] = list(choices)
-    return field(default=default, metadata=meta)
+_arg = flag  # Config field -> CLI flag (eggroll.cli.flag)
 
 
 @dataclass

@@ -27,7 +27,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -39,6 +39,7 @@ from ..runlog import RunLog
 from ..tasks.diagnostics import NoSignalMonitor
 from ..tasks.finetune import es_finetuner, evaluate_accuracy, grpo_finetuner, llm_kinds
 from ..tasks.reasoning import CountdownSpec, countdown_task, gsm8k_examples, gsm8k_task
+from ..cli import flag
 
 TRAJECTORY_FIELDS = ("model", "task", "strategy", "seed", "population", "prompts", "sigma", "rank", "lr",
                      "optimizer", "group_size", "temperature", "clip_eps", "kl_coef", "minibatches",
@@ -46,11 +47,7 @@ TRAJECTORY_FIELDS = ("model", "task", "strategy", "seed", "population", "prompts
                      "perturb_head", "countdown_numbers", "data_path")
 
 
-def _arg(default, help: str, choices=None):
-    meta = {"help": help}
-    if choices is not None:
-        meta["choices"] = list(choices)
-    return field(default=default, metadata=meta)
+_arg = flag  # Config field -> CLI flag (eggroll.cli.flag)
 
 
 @dataclass

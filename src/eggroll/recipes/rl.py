@@ -31,7 +31,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -47,6 +47,7 @@ from ..runlog import RunLog, write_json
 from ..shaping import SHAPINGS
 from ..strategy import STRATEGIES
 from ..tasks import rl as rlt
+from ..cli import flag
 
 METHODS = ("eggroll", "open_es", "ppo")
 OPTIMIZERS: dict[str, Callable] = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}
@@ -90,11 +91,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def _arg(default, help: str, choices=None):
-    meta = {"help": help}
-    if choices is not None:
-        meta["choices"] = list(choices)
-    return field(default=default, metadata=meta)
+_arg = flag  # Config field -> CLI flag (eggroll.cli.flag)
 
 
 @dataclass
