@@ -85,3 +85,14 @@ def test_write_json_and_progress_bar_enabled(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "demo" in err and "hello" in err
     assert json.loads((tmp_path / "run" / "result.json").read_text()) == {"ok": True}
+
+
+def test_write_false_touches_no_file(tmp_path):
+    run_dir = tmp_path / "not-created"
+    log = RunLog(run_dir, total=3, resume_from=1, wall_offset=2.5, write=False)
+    rec = log.log(2, {"fitness": 1.0})
+    assert rec["generation"] == 2 and rec["fitness"] == 1.0 and rec["wall_s"] >= 2.5
+    assert log.write_json("result", {"a": 1}) is None and log.plot() is None
+    log.print("hidden")
+    log.close()
+    assert not run_dir.exists()

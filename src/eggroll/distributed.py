@@ -463,49 +463,12 @@ def barrier(name: str, timeout_s: float = 600.0) -> None:
     jd.global_state.client.wait_at_barrier(f"eggroll/{name}/{_state['barriers']}", int(timeout_s * 1000))
 
 
-class _QuietLog:
-    """RunLog's interface for processes other than 0: keeps the clock, writes nothing."""
-
-    def __init__(self, run_dir, *, resume_from=None, wall_offset=None, start_time=None, **_):
-        self.run_dir = Path(run_dir)
-        self.records: list[dict] = []
-        self.wall_offset = float(wall_offset or 0.0)
-        self._t0 = time.perf_counter() if start_time is None else float(start_time)
-        self.step = int(resume_from or 0)
-
-    @property
-    def elapsed(self) -> float:
-        return self.wall_offset + (time.perf_counter() - self._t0)
-
-    @property
-    def session_elapsed(self) -> float:
-        return time.perf_counter() - self._t0
-
-    def log(self, step, metrics=None, **more):
-        self.step = int(step)
-        return {"generation": int(step), **(metrics or {}), **more}
-
-    def print(self, *args):
-        pass
-
-    def write_json(self, name, obj):
-        return None
-
-    def plot(self, *a, **k):
-        return None
-
-    def close(self, plot: bool = True):
-        pass
-
-
 def run_log(run_dir, **kwargs):
-    """A runlog.RunLog on process 0; elsewhere an object with the same methods that writes
-    nothing. (Its wall clock on a resumed run comes from `wall_offset`.)"""
-    if is_main_process():
-        from .runlog import RunLog
+    """A runlog.RunLog that writes and shows progress on process 0 only (write=False elsewhere:
+    same clock and methods, no files; its wall clock on a resume comes from `wall_offset`)."""
+    from .runlog import RunLog
 
-        return RunLog(run_dir, **kwargs)
-    return _QuietLog(run_dir, **kwargs)
+    return RunLog(run_dir, write=is_main_process(), **kwargs)
 
 
 def say(*args) -> None:

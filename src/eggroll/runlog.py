@@ -176,15 +176,19 @@ class RunLog:
     (see module docstring). wall_offset: wall-clock seconds already spent (default: from the
     last kept record on resume, else 0). progress: None = bar only if stderr is a terminal.
     start_time: time.perf_counter() value at which this session's clock starts (default now),
-    e.g. taken before set-up and compilation so that they count."""
+    e.g. taken before set-up and compilation so that they count. write=False: keep the clock and
+    the records but touch no file and show nothing (processes other than 0 of a multi-process run;
+    the wall clock of a resumed run then comes from `wall_offset`)."""
 
     def __init__(self, run_dir, *, total: int | None = None, x: str = "generation",
                  plot_keys: Iterable | None = None, postfix_keys: Iterable[str] | None = None,
                  resume_from: int | None = None, wall_offset: float | None = None,
                  progress: bool | None = None, desc: str | None = None, title: str | None = None,
-                 start_time: float | None = None):
+                 start_time: float | None = None, write: bool = True):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.write = write
+        if write:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
         self.plot_path = self.run_dir / PLOT_FILE
         self.x = x
@@ -196,22 +200,25 @@ class RunLog:
             self.postfix_keys = [k for g in (self.plot_keys or []) for k in g]
         self.records: list[dict] = []
         start = 0
-        if resume_from is not None:
+        if resume_from is not None and write:
             kept = [r for r in read_metrics(self.metrics_path)
                     if isinstance(r.get(x), (int, float)) and r[x] <= resume_from]
             self.records = kept
-            start = int(resume_from)
             if wall_offset is None:
                 walls = [r["wall_s"] for r in kept if _has(r, "wall_s")]
                 wall_offset = walls[-1] if walls else 0.0
-        self._rewrite()  # truncates on a fresh run, drops the post-checkpoint tail on resume
-        self._file = open(self.metrics_path, "a")
+        if resume_from is not None:
+            start = int(resume_from)
+        self._file = None
+        if write:
+            self._rewrite()  # truncates on a fresh run, drops the post-checkpoint tail on resume
+            self._file = open(self.metrics_path, "a")
         self.wall_offset = float(wall_offset or 0.0)
         self._t0 = time.perf_counter() if start_time is None else float(start_time)
         self.step = start
         self._last_postfix: dict = {}
         self.bar = tqdm(total=total, initial=start, desc=desc, unit=x[:3] if x else "it",
-                        file=sys.stderr, mininterval=0.5, disable=None if progress is None else not progress,
+                        file=sys.stderr, mininterval=0.5, disable=True if not write else None if progress is None else not progress,
                         **_terminal_fallback())
 
     # -- time ---------------------------------------------------------------------------------
@@ -231,8 +238,9 @@ class RunLog:
         rec = {self.x: int(step), "wall_s": round(self.elapsed, 4)}
         for k, v in {**(metrics or {}), **more}.items():
             rec[str(k)] = _to_json(v)
-        self._file.write(json.dumps(rec) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(rec) + "\n")
+            self._file.flush()
         self.records.append(rec)
         self.bar.update(max(0, int(step) - self.step))
         self.step = int(step)
@@ -244,14 +252,19 @@ class RunLog:
 
     def print(self, *args) -> None:
         """A message on stderr that does not break the progress bar."""
-        tqdm.write(" ".join(str(a) for a in args), file=sys.stderr)
+        if self.write:
+            tqdm.write(" ".join(str(a) for a in args), file=sys.stderr)
 
-    def write_json(self, name: str, obj) -> Path:
-        """run_dir/name (".json" added if missing), atomically."""
+    def write_json(self, name: str, obj) -> Path | None:
+        """run_dir/name (".json" added if missing), atomically; None when not writing."""
+        if not self.write:
+            return None
         return write_json(self.run_dir / (name if name.endswith(".json") else name + ".json"), obj)
 
     def plot(self, keys: Iterable | None = None, path=None) -> Path | None:
         """Write the learning curve PNG (default run_dir/curve.png); None if nothing to plot."""
+        if not self.write:
+            return None
         if keys is None:
             keys = self.plot_keys
         if keys is None:
@@ -263,7 +276,7 @@ class RunLog:
         if plot:
             self.plot()
         self.bar.close()
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
 
     def __enter__(self):
