@@ -70,3 +70,19 @@ def test_mismatch_errors_name_tensors(key, tmp_path):
         eggroll.load_checkpoint(tmp_path / "c", {"a": jnp.zeros(4), "b": jnp.zeros(2)})
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         eggroll.load_checkpoint(tmp_path / "nothing", {"a": jnp.zeros(3)})
+
+
+def test_config_mismatch_names_each_changed_field():
+    import dataclasses
+
+    from eggroll.checkpoint import config_mismatch
+
+    @dataclasses.dataclass
+    class Cfg:
+        lr: float = 0.1
+        seed: int = 0
+        steps: int = 10
+
+    saved = dataclasses.asdict(Cfg(lr=0.2, steps=99))
+    assert config_mismatch(Cfg(), saved, ("lr", "seed")) == ["lr: checkpoint 0.2 vs now 0.1"]
+    assert config_mismatch(Cfg(lr=0.2), saved, ("lr", "seed")) == []

@@ -9,6 +9,7 @@ run killed mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -97,3 +98,10 @@ def load_checkpoint(directory, template):
     restored = jax.tree_util.tree_map(lambda s: s.replace(table=next(it)) if isinstance(s, ESState) else s,
                                       restored, is_leaf=lambda s: isinstance(s, ESState))
     return restored, meta["metadata"]
+
+
+def config_mismatch(config, saved: dict, fields) -> list[str]:
+    """The trajectory-changing `fields` on which a dataclass `config` differs from the config
+    dict saved with a checkpoint, as "name: checkpoint X vs now Y" lines (empty: safe to resume)."""
+    now = dataclasses.asdict(config)
+    return [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in fields if saved.get(k) != now[k]]

@@ -44,7 +44,7 @@ import numpy as np
 from .. import int8 as i8
 from .. import int8_strategy as ist
 from .. import noise as nz
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint, config_mismatch
 from ..models import egg
 from ..population import evaluate_population
 from ..runlog import RunLog
@@ -244,8 +244,7 @@ def baselines(splits, eval_tokens) -> dict:
 
 
 def _resume_mismatch(cfg: Config, saved: dict) -> list[str]:
-    now = dataclasses.asdict(cfg)
-    return [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in TRAJECTORY_FIELDS if saved.get(k) != now[k]]
+    return config_mismatch(cfg, saved, TRAJECTORY_FIELDS)
 
 
 def run(cfg: Config, splits=None) -> dict:

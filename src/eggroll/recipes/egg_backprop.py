@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 from ..baselines import backprop as bp
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint, config_mismatch
 from ..runlog import RunLog
 from ..tasks.text import ByteSplits, load_corpus, ngram_bits_per_byte, stream_windows
 from ..cli import flag
@@ -127,8 +127,7 @@ def _compiled(*key):
 
 
 def _resume_mismatch(cfg: Config, saved: dict) -> list[str]:
-    now = dataclasses.asdict(cfg)
-    return [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in TRAJECTORY_FIELDS if saved.get(k) != now[k]]
+    return config_mismatch(cfg, saved, TRAJECTORY_FIELDS)
 
 
 def _load_state(cfg: Config, ckpt_dir: Path, state: TrainState) -> tuple[TrainState, dict]:

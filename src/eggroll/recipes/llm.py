@@ -34,7 +34,7 @@ import jax
 import numpy as np
 import optax
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint, config_mismatch
 from ..runlog import RunLog
 from ..tasks.diagnostics import NoSignalMonitor
 from ..tasks.finetune import es_finetuner, evaluate_accuracy, grpo_finetuner, llm_kinds
@@ -185,8 +185,7 @@ def make_finetuner(cfg: Config, mcfg, tok, task, params):
 
 
 def _resume_mismatch(cfg: Config, saved: dict) -> list[str]:
-    now = dataclasses.asdict(cfg)
-    return [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in TRAJECTORY_FIELDS if saved.get(k) != now[k]]
+    return config_mismatch(cfg, saved, TRAJECTORY_FIELDS)
 
 
 def run(cfg: Config) -> dict:
