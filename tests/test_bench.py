@@ -40,7 +40,7 @@ def test_throughput_bench_options_and_cli_flags():
     import argparse
 
     parser = argparse.ArgumentParser()
-    cli._add_dataclass_flags(parser, Config)
+    cli.add_dataclass_flags(parser, Config)
     ns = parser.parse_args(["--width", "32", "--dtype", "bfloat16", "--no-openes", "--chunk-t", "8"])
-    cfg = cli._parse_into(Config, ns)
+    cfg = cli.parse_into(Config, ns)
     assert cfg.width == 32 and cfg.dtype == "bfloat16" and cfg.openes is False and cfg.chunk_t == 8

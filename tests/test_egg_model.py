@@ -17,7 +17,7 @@ from eggroll.models import egg
 RNG = np.random.default_rng(1)
 SIGMA_SHIFT = 2  # large perturbations so that differences show at int8 resolution
 # one compiled update per (plan, mode, var) for the whole module
-es_step = jax.jit(ist.es_step, static_argnums=0, static_argnames=("mode", "var", "chunk"))
+es_step = jax.jit(ist.es_step, static_argnums=0, static_argnames=("mode", "var", "chunk", "stat", "momentum_bits"))
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_zero_fitness_moves_nothing(setup):
     var = ist.table_variance(table)
     fitness = jnp.full((12,), -1234, jnp.int32)  # every pair ties: f+ - f- = 0
     for mode in ist.FITNESS_MODES:
-        new, moved, pf = es_step(plan, key, table, 0, params, fitness, mode=mode, z16=0, var=var)
+        new, _, moved, _, pf = es_step(plan, key, table, 0, params, fitness, mode=mode, z16=0, var=var)
         assert int(moved) == 0 and not np.any(np.asarray(pf))
         for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(params)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -183,7 +183,8 @@ def test_zero_fitness_moves_nothing(setup):
 def test_zero_statistic_never_moves_even_at_alpha_one():
     params = {"w": jnp.zeros((3, 3), jnp.int8)}
     z = {"w": jnp.asarray([[0, 5, -2], [0, 0, 1], [0, 0, 0]], jnp.int32)}
-    new, moved = ist.apply_update(params, z, jnp.int32(0))
+    new, moved, per_leaf = ist.apply_update(params, z, jnp.int32(0))
+    assert [int(m) for m in per_leaf] == [3]
     np.testing.assert_array_equal(np.asarray(new["w"]), np.sign(np.asarray(z["w"])))
     assert int(moved) == 3
     sat = ist.apply_update({"w": jnp.full((1, 2), 127, jnp.int8)}, {"w": jnp.asarray([[9, -9]], jnp.int32)}, 0)[0]
@@ -205,8 +206,8 @@ def test_planted_signal_moves_the_right_parameters(setup):
     pf = jnp.asarray(pf, jnp.int32)
     fitness = jnp.stack([pf, jnp.zeros_like(pf)], 1).reshape(-1)  # f+ - f- = pf
     alpha = 1e-6
-    new, moved, got_pf = es_step(plan, key, table, gen, params, fitness, mode="sign",
-                                     z16=ist.z16_of_alpha(alpha), var=ist.table_variance(table))
+    new, _, moved, _, got_pf = es_step(plan, key, table, gen, params, fitness, mode="sign",
+                                       z16=ist.z16_of_alpha(alpha), var=ist.table_variance(table))
     np.testing.assert_array_equal(np.asarray(got_pf), np.asarray(pf))
     d_wh = np.asarray(new["layers"][0]["wh"], np.int32) - np.asarray(params["layers"][0]["wh"], np.int32)
     d_bf = np.asarray(new["layers"][0]["bf"], np.int32) - np.asarray(params["layers"][0]["bf"], np.int32)
@@ -223,8 +224,8 @@ def test_z_test_false_positive_rate_matches_alpha(setup):
         for seed in range(3):
             r = np.random.default_rng(seed)
             fitness = jnp.asarray(r.integers(-1000, 1000, 512), jnp.int32)  # pure noise
-            _, moved, _ = es_step(plan, key, table, 100 + seed, params, fitness, mode="norm",
-                                      z16=ist.z16_of_alpha(alpha), var=var)
+            moved = es_step(plan, key, table, 100 + seed, params, fitness, mode="norm",
+                            z16=ist.z16_of_alpha(alpha), var=var).moved
             rates.append(int(moved) / total)
         assert abs(np.mean(rates) - alpha) < 0.25 * alpha + 0.01, (alpha, rates)
 
@@ -261,5 +262,97 @@ def test_alpha_schedule():
     assert ist.alpha_at(1.0, 4, 0, 100) == 1.0
     assert math.isclose(ist.alpha_at(1.0, 4, 100, 100), 2**-4)
     assert math.isclose(ist.alpha_at(0.5, 2, 50, 100), 0.25)
+    # hyperbolic: same end points, 1 / (1 + (2^d - 1) g / G) in between (higher than exp at the middle)
+    assert ist.alpha_at(1.0, 4, 0, 100, "hyperbolic") == 1.0
+    assert math.isclose(ist.alpha_at(1.0, 4, 100, 100, "hyperbolic"), 2**-4)
+    assert math.isclose(ist.alpha_at(1.0, 4, 50, 100, "hyperbolic"), 1 / 8.5)
+    with pytest.raises(ValueError, match="schedule"):
+        ist.alpha_at(1.0, 4, 50, 100, "linear")
     with pytest.raises(ValueError, match="alpha"):
         ist.z16_of_alpha(0.0)
+
+
+@pytest.mark.parametrize("arch", [egg.Arch("joint"), egg.Arch("split")])
+def test_window_forward_equals_byte_by_byte(setup, arch):
+    """window_logprob (input matmuls batched over the window) == scanning `step`, bit for bit,
+    with and without noise, across separators, for a 2-layer model."""
+    key, _, _, _ = setup
+    params = egg.init_egg(jax.random.PRNGKey(8), 2, 16)
+    plan = ist.make_plan(params, rank=2)
+    table = ist.make_table(key, nz.required_table_size(plan, None, 8))
+    tokens = jnp.asarray(RNG.integers(0, 256, 30), jnp.int32).at[5].set(0).at[17].set(0)
+    h0 = jnp.asarray(RNG.integers(-60, 60, (2, 16)), jnp.int8)
+    for member in (None, 3):
+        noise = None if member is None else ist.member_noise(plan, key, table, 1, member, SIGMA_SHIFT)
+        ref = egg.sequence_logprob(params, h0, tokens, noise, arch)
+        got = egg.window_logprob(params, h0, tokens, noise, arch)
+        for r, g in zip(ref, got):
+            np.testing.assert_array_equal(np.asarray(r), np.asarray(g))
+    other = egg.Arch("split" if arch.gru_shift == "joint" else "joint")
+    assert int(egg.window_logprob(params, h0, tokens, None, other)[1]) != int(ref[1])
+
+
+def test_split_gru_shift_rescales_each_product():
+    """split: f = sat(round(W u / 2^s_d) + round(U h / 2^s_d) + b), checked against NumPy."""
+    params = egg.init_egg(jax.random.PRNGKey(2), 1, 16)
+    p = params["layers"][0]
+    shifts = egg.shape_of(params).shifts
+    u = jnp.asarray(RNG.integers(-40, 40, 16), jnp.int8)
+    h = jnp.asarray(RNG.integers(-40, 40, 16), jnp.int8)
+    got = egg.gru(p, u, h, None, shifts, egg.Arch("split"))
+
+    def rnd(x, s):
+        return np.floor(x / 2.0 ** s + 0.5).astype(np.int64)
+
+    W = {k: np.asarray(p[k], np.int64) for k in ("wf", "uf", "wh", "uh")}
+    un, hn = np.asarray(u, np.int64), np.asarray(h, np.int64)
+    f = np.clip(rnd(W["wf"] @ un, shifts["d"]) + rnd(W["uf"] @ hn, shifts["d"]), -127, 127)
+    gate = f + 127
+    g = (gate * hn) >> 8
+    cand = np.clip(rnd(W["wh"] @ un, shifts["d"]) + rnd(W["uh"] @ g, shifts["d"]), -127, 127)
+    ref = np.clip(hn + ((gate * (cand - hn)) >> 8), -127, 127)
+    np.testing.assert_array_equal(np.asarray(got), ref)
+
+
+def test_sign_statistic_matches_bruteforce(setup):
+    key, _params, plan, table = setup
+    pf = jnp.asarray(RNG.integers(-8, 9, 6), jnp.int32)
+    stats = ist.update_statistic(plan, key, table, 7, pf, chunk=3, stat="sign")
+    z = _factors(plan, key, table, 7, 2 * np.arange(6))
+    for leaf, got, fac in zip(plan.leaves, jax.tree_util.tree_leaves(stats), z):
+        if leaf.kind == nz.LOWRANK:
+            a, b = (np.sign(np.asarray(t, np.int64)) for t in fac)
+            ref = np.einsum("p,pir,pjr->ij", np.asarray(pf, np.int64), a, b)
+        else:
+            ref = np.einsum("p,p...->...", np.asarray(pf, np.int64), np.asarray(fac, np.int64))
+        np.testing.assert_array_equal(np.asarray(got), ref)
+
+
+def test_momentum_accumulates_and_its_null_rate_matches_alpha(setup):
+    """M <- M - round(M / 2^k) + Z exactly; under pure-noise fitness the stationary fraction of
+    entries passing the momentum-scaled z-test is about alpha."""
+    key, params, plan, table = setup
+    var = ist.table_variance(table)
+    m = {"w": jnp.asarray([[100, -100, 7]], jnp.int32)}
+    z = {"w": jnp.asarray([[1, 2, -3]], jnp.int32)}
+    got = ist.accumulate(m, z, 3)["w"]
+    np.testing.assert_array_equal(np.asarray(got), [[100 - 13 + 1, -100 + 12 + 2, 7 - 1 - 3]])
+    assert ist.momentum_scale16(0) == 16 and ist.momentum_scale16(3) == round(16 * math.sqrt(1 / (1 - (7 / 8) ** 2)))
+    total = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
+    mom, rates, alpha, bits = ist.zero_momentum(params, plan), [], 0.1, 3
+    r = np.random.default_rng(0)
+    for gen in range(40):
+        fitness = jnp.asarray(r.integers(-1000, 1000, 256), jnp.int32)
+        up = es_step(plan, key, table, gen, params, fitness, mode="norm", z16=ist.z16_of_alpha(alpha), var=var,
+                     momentum=mom, momentum_bits=bits)
+        mom = up.momentum
+        if gen >= 24:  # after ~3 time constants (2^3 generations each)
+            rates.append(int(up.moved) / total)
+    assert abs(np.mean(rates) - alpha) < 0.3 * alpha, rates
+
+
+def test_vector_sigma_shift_is_separate(setup):
+    key, _params, plan, table = setup
+    noise = ist.member_noise(plan, key, table, 0, 3, SIGMA_SHIFT, vector_sigma_shift=SIGMA_SHIFT + 3)
+    assert noise["layers"][0]["bf"].shift == SIGMA_SHIFT + 3
+    assert noise["layers"][0]["wf"].shift == ist.lowrank_shift(SIGMA_SHIFT, plan.rank)

@@ -13,7 +13,7 @@ from eggroll.runlog import read_metrics
 from eggroll.tasks.text import ByteSplits
 
 TINY = {"population": 32, "layers": 1, "width": 16, "tokens_per_update": 16, "group_size": 4, "eval_streams": 8,
-            "eval_tokens": 32, "sigma_shift": 3, "alpha": 0.3, "alpha_decay": 0.0, "progress": False}
+        "eval_bytes": 256, "sigma_shift": 3, "alpha": 0.3, "alpha_decay": 0.0, "progress": False}
 
 
 def _tiny_corpus() -> ByteSplits:
@@ -56,16 +56,20 @@ def _floating(jaxpr):
     return found
 
 
-def test_training_step_has_no_floats(corpus):
-    cfg = recipe.Config(**TINY, run_dir="unused")
+@pytest.mark.parametrize("levers", [{}, {"momentum_bits": 3, "update_stat": "sign", "gru_shift": "split",
+                                         "vector_sigma_shift": 5, "vector_alpha": 0.1}])
+def test_training_step_has_no_floats(corpus, levers):
+    cfg = recipe.Config(**{**TINY, **levers}, run_dir="unused")
     tr = recipe.make_train(cfg, corpus)
     ts = tr.init()
     jaxpr = jax.make_jaxpr(recipe.generation, static_argnums=(0, 1))(
-        tr.spec, tr.plan, ts, jnp.asarray(tr.batch(0)), jnp.int32(0), jnp.int32(tr.z16(0)), tr.k_noise, tr.table)
+        tr.spec, tr.plan, ts, jnp.asarray(tr.batch(0)), jnp.int32(0), tuple(map(jnp.int32, tr.z16(0))),
+        tr.k_noise, tr.table)
     assert len(jaxpr.jaxpr.eqns) > 10
     assert _floating(jaxpr) == set()
     # the detector does see floats (the held-out metric uses them)
-    assert _floating(jax.make_jaxpr(recipe._heldout_bits)(ts.params, jnp.asarray(tr.eval_tokens)))
+    assert _floating(jax.make_jaxpr(recipe._heldout_bits, static_argnums=2)(
+        ts.params, jnp.asarray(tr.eval_windows), tr.spec.arch))
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +83,14 @@ def test_tiny_model_improves_heldout(tiny_run):
     run_dir, full = tiny_run
     valid = [r["valid_bits_per_byte"] for r in read_metrics(run_dir) if "valid_bits_per_byte" in r]
     assert valid[-1] < valid[0] - 1.0, valid  # ~8.9 bits (random init) -> clearly lower
-    assert full["valid_bits_per_byte"] == valid[-1]
+    assert full["eval_bits_per_byte"] == valid[-1]
     for k in ("bigram_valid_bits_per_byte", "unigram_valid_bits_per_byte", "population", "wall_s"):
         assert k in full
     assert full["bigram_valid_bits_per_byte"] < full["unigram_valid_bits_per_byte"]
+    # the final figure reads (almost) the whole valid split: every stream's share less < 1 window
+    assert 0.9 * (len(_tiny_corpus().valid) - 8) <= full["valid_bytes"] <= len(_tiny_corpus().valid)
+    rec = read_metrics(run_dir)[-1]
+    assert 0 <= rec["moved_frac_matrices"] <= 1 and "moved_frac/layers.0.wf" in rec
     assert (run_dir / "curve.png").exists()
 
 
@@ -103,7 +111,8 @@ def test_sample_tool(tiny_run, capsys):
 def test_resume_after_interruption_is_exact(corpus, tmp_path, monkeypatch):
     from eggroll.checkpoint import load_checkpoint
 
-    cfg = dict(TINY, generations=6, eval_every=3, checkpoint_every=3)
+    cfg = dict(TINY, generations=6, eval_every=3, checkpoint_every=3, momentum_bits=2, alpha_schedule="hyperbolic",
+               alpha_decay=2.0)
     recipe.run(recipe.Config(**cfg, run_dir=str(tmp_path / "a")), corpus)
 
     real_make_train = recipe.make_train
@@ -148,12 +157,22 @@ def test_config_errors_name_the_problem():
         recipe.validate(recipe.Config(rank=0))
 
 
+def test_presets_fill_defaults_and_explicit_flags_win():
+    paper = recipe.resolve(recipe.Config(preset="paper"))
+    assert (paper.layers, paper.width, paper.tokens_per_update, paper.preset) == (6, 256, 100, "")
+    assert recipe.resolve(recipe.Config(preset="paper", width=32)).width == 32
+    assert recipe.resolve(recipe.Config()) == recipe.Config()
+    with pytest.raises(ValueError, match="preset"):
+        recipe.resolve(recipe.Config(preset="nope"))
+
+
 def test_population_bench_parses_populations():
     from eggroll.bench import egg_population
 
-    assert egg_population.populations("64, 512,4096") == [64, 512, 4096]
-    with pytest.raises(ValueError, match="even"):
-        egg_population.populations("63")
+    assert egg_population.populations("64, 512,4096x512") == [(64, 0), (512, 0), (4096, 512)]
+    for bad in ("63", "64x3", "64x48", "x"):
+        with pytest.raises(ValueError, match="populations"):
+            egg_population.populations(bad)
 
 
 @pytest.mark.slow
@@ -163,9 +182,10 @@ def test_population_bench_runs(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("the cat sat on the mat. " * 4000)
     out = egg_population.run(egg_population.Config(
-        populations="32,64", generations=4, chunk=8, width=8, tokens_per_update=8, dataset=str(text),
+        populations="32,64,64x8", generations=4, chunk=8,
+        flags=f"--width 8 --tokens-per-update 8 --eval-bytes 512 --dataset {text} --cache-dir {tmp_path / 'c'}",
         out_dir=str(tmp_path / "runs")))
-    assert [r["population"] for r in out["rows"]] == [32, 64]
+    assert [(r["population"], r["group_size"]) for r in out["rows"]] == [(32, 2), (64, 2), (64, 8)]
     assert all(r["peak_rss_mib"] > 0 and r["valid_bits_per_byte"] > 0 for r in out["rows"])
 
 

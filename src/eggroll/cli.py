@@ -37,6 +37,7 @@ BENCHES = {
     "throughput": ("eggroll.bench.throughput", "population forward / update / generation vs batched inference and OpenES"),
     "scaling": ("eggroll.bench.scaling", "bytes sent per generation (two model sizes) and population-step scaling over 1, 2, 4 devices / 2 processes"),
     "egg-population": ("eggroll.bench.egg_population", "EGG held-out bits/byte and peak RSS vs population (fixed generations, chunk)"),
+    "egg-signal": ("eggroll.bench.egg_signal", "EGG signal diagnostic: agreement of the weight changes of two runs differing only in noise seed"),
     "generate": ("eggroll.bench.generate", "LLM sampler: generation with per-member noise vs plain batched generation"),
     "rl": ("eggroll.bench.rl", "EGGROLL vs OpenES vs PPO on several RL envs: results table, curves, speed ratios"),
 }
@@ -59,7 +60,7 @@ def flag(default, help: str, choices=None):
     return dataclasses.field(default=default, metadata=meta)
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name = "--" + f.name.replace("_", "-")
@@ -77,7 +78,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
                             help=f"{helptext} (default: {default})")
 
 
-def _parse_into(cls, ns) -> object:
+def parse_into(cls, ns) -> object:
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
@@ -147,12 +148,12 @@ def main(argv=None) -> int:
     mod = importlib.import_module(modname)
     own = argparse.ArgumentParser(prog=f"eggroll {label}",
                                   description=(mod.__doc__ or "").strip().splitlines()[0])
-    _add_dataclass_flags(own, mod.Config)
+    add_dataclass_flags(own, mod.Config)
     ns = own.parse_args(rest)
     try:
         with distributed.exit_on_peer_failure(f"eggroll {label}"):
             try:
-                result = mod.run(_parse_into(mod.Config, ns))
+                result = mod.run(parse_into(mod.Config, ns))
             except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as e:
                 # bad flags / config: one clear line, not a traceback
                 print(f"eggroll {label}: error: {e}", file=sys.stderr)

@@ -49,6 +49,9 @@ from . import int8 as i8
 from . import noise as nz
 
 FITNESS_MODES = ("sign", "norm")
+STATISTICS = ("ab", "sign")  # Z from A B^T, or from sign(A) sign(B)^T
+ALPHA_SCHEDULES = ("exp", "hyperbolic")
+MOMENTUM_CAP = 1 << 30  # |M| saturates here (int32 headroom)
 NORM_FITNESS_MAX = 8
 
 
@@ -113,8 +116,11 @@ def member_coords(member):
     return member // 2, 1 - 2 * (member % 2)
 
 
-def member_noise(plan: nz.NoisePlan, key, table, generation, member, sigma_shift: int):
-    """Integer noise handles (pytree shaped like params) for one member."""
+def member_noise(plan: nz.NoisePlan, key, table, generation, member, sigma_shift: int,
+                 vector_sigma_shift: int | None = None):
+    """Integer noise handles (pytree shaped like params) for one member. Vectors use
+    vector_sigma_shift (default: sigma_shift)."""
+    vshift = int(sigma_shift if vector_sigma_shift is None else vector_sigma_shift)
     epoch = nz.epoch_of(plan, jnp.asarray(generation, jnp.int32))
     pair, sign = member_coords(member)
     out = []
@@ -126,7 +132,7 @@ def member_noise(plan: nz.NoisePlan, key, table, generation, member, sigma_shift
         if leaf.kind == nz.LOWRANK:
             out.append(IntLowRank(z[0], z[1], sign, lowrank_shift(sigma_shift, plan.rank)))
         else:
-            out.append(IntFull(z, sign, int(sigma_shift)))
+            out.append(IntFull(z, sign, vshift))
     return jax.tree_util.tree_unflatten(plan.treedef, out)
 
 
@@ -146,12 +152,23 @@ def linear_acc(w, x, noise=None) -> jax.Array:
     return acc + i8.shift_round(noise.sign * p, noise.shift - pre)
 
 
+def _rows(x, idx):
+    """x[idx] for an integer index array of any shape, as (vmapped) dynamic slices: plain
+    indexing of a mesh-replicated array inside shard_map trips jax's sharding check."""
+    idx = jnp.asarray(idx)
+    take = lambda i: lax.dynamic_index_in_dim(x, i, keepdims=False)  # noqa: E731
+    for _ in range(idx.ndim):
+        take = jax.vmap(take)
+    return take(idx)
+
+
 def embed(table, token, noise=None) -> jax.Array:
-    """Row `token` of an int8 table (vocab, d), perturbed row sign * A[t] B^T / 2^shift."""
-    row = table[token]
+    """Row(s) `token` (any index shape) of an int8 table (vocab, d), perturbed rows
+    sign * A[t] B^T / 2^shift."""
+    row = _rows(table, token)
     if noise is None:
         return row
-    p = i8.matmul(noise.a[token], noise.b)  # (d,) int32, |.| <= 16129 r
+    p = i8.matmul(_rows(noise.a, token), noise.b)  # (..., d) int32, |.| <= 16129 r
     return i8.sat(row.astype(jnp.int32) + i8.shift_round(noise.sign * p, noise.shift))
 
 
@@ -194,10 +211,42 @@ def z16_of_alpha(alpha: float) -> int:
     return round(16 * NormalDist().inv_cdf(1 - alpha / 2)) if alpha < 1 else 0
 
 
-def alpha_at(alpha: float, decay_bits: float, generation: int, generations: int) -> float:
-    """Level schedule: alpha * 2^(-decay_bits * min(g / G, 1)) (constant when decay_bits = 0)."""
+def alpha_at(alpha: float, decay_bits: float, generation: int, generations: int,
+             schedule: str = "exp") -> float:
+    """Level schedule from alpha at g = 0 to alpha * 2^-decay_bits at g = G (constant when
+    decay_bits = 0): "exp" alpha * 2^(-decay_bits g / G); "hyperbolic" alpha / (1 + (2^decay_bits
+    - 1) g / G), which stays high for longer and lets fewer random moves through late."""
+    if schedule not in ALPHA_SCHEDULES:
+        raise ValueError(f"alpha schedule must be one of {ALPHA_SCHEDULES}, got {schedule!r}")
     frac = min(generation / max(generations, 1), 1.0)
+    if schedule == "hyperbolic":
+        return float(alpha) / (1.0 + (2.0 ** float(decay_bits) - 1.0) * frac)
     return float(alpha) * 2.0 ** (-float(decay_bits) * frac)
+
+
+def momentum_scale16(bits: int) -> int:
+    """round(16 sqrt(1 / (1 - beta^2))), beta = 1 - 2^-bits: the null standard deviation of the
+    momentum M = beta M + Z relative to that of one generation's Z (bits = 0: no momentum, 16)."""
+    if bits == 0:
+        return 16
+    beta = 1.0 - 2.0 ** -int(bits)
+    return round(16 * math.sqrt(1.0 / (1.0 - beta * beta)))
+
+
+def accumulate(momentum, stats, bits: int):
+    """Integer momentum per parameter: M <- M - round(M / 2^bits) + Z, saturating at ±2^30
+    (bits = 0: M = Z). stats / momentum: trees of int32 (None for frozen leaves)."""
+    if bits == 0:
+        return stats
+    return jax.tree_util.tree_map(
+        lambda m, z: jnp.clip(m - i8.shift_round(m, bits) + z, -MOMENTUM_CAP, MOMENTUM_CAP), momentum, stats)
+
+
+def zero_momentum(params, plan: nz.NoisePlan):
+    """Initial momentum: int32 zeros for perturbed leaves, None for frozen ones."""
+    leaves = jax.tree_util.tree_leaves(params)
+    return jax.tree_util.tree_unflatten(plan.treedef, [
+        None if leaf.kind == nz.FROZEN else jnp.zeros(jnp.shape(x), jnp.int32) for leaf, x in zip(plan.leaves, leaves)])
 
 
 def threshold(pair_f, rank: int, unit: int, z16) -> jax.Array:
@@ -217,10 +266,14 @@ def _largest_divisor_at_most(n: int, bound: int) -> int:
     return 1
 
 
-def update_statistic(plan: nz.NoisePlan, key, table, generation, pair_f, chunk: int | None = None):
+def update_statistic(plan: nz.NoisePlan, key, table, generation, pair_f, chunk: int | None = None,
+                     stat: str = "ab"):
     """Z per parameter (int32, shaped like it; None for frozen): sum_p f_p A_p B_p^T or
     sum_p f_p eps_p, over pair chunks (lax.scan), with the forward's own noise function.
+    stat "sign": sum_p f_p sign(A_p) sign(B_p)^T for matrices (each term ±f_p; vectors unchanged).
     Same-shaped leaves share one batched contraction."""
+    if stat not in STATISTICS:
+        raise ValueError(f"update statistic must be one of {STATISTICS}, got {stat!r}")
     epoch = nz.epoch_of(plan, jnp.asarray(generation, jnp.int32))
     n_pairs = pair_f.shape[0]
     buckets: dict[tuple, list[int]] = {}
@@ -244,6 +297,8 @@ def update_statistic(plan: nz.NoisePlan, key, table, generation, pair_f, chunk: 
             z = noise_all(plan, table, lkeys, epoch, p, leaf)
             if kind == nz.LOWRANK:
                 a, b = z  # (L, c, m, r), (L, c, n, r) int8
+                if stat == "sign":
+                    a, b = jnp.sign(a), jnp.sign(b)
                 af = a.astype(jnp.int32) * f[None, :, None, None]
                 upd = jnp.einsum("lcir,lcjr->lij", af, b.astype(jnp.int32), preferred_element_type=jnp.int32)
             else:
@@ -261,29 +316,50 @@ def update_statistic(plan: nz.NoisePlan, key, table, generation, pair_f, chunk: 
 def apply_update(params, stats, thresholds):
     """params + sign(Z) where |Z| > threshold, saturating at ±127. stats: Z tree from
     `update_statistic` (None = frozen); thresholds: one int32 scalar per leaf (list, in
-    tree_leaves order) or one scalar for all. Returns (new params, moved entries (int32))."""
+    tree_leaves order) or one scalar for all. Returns (new params, moved entries (int32), moved
+    entries per leaf (list of int32, tree_leaves order))."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     zs = treedef.flatten_up_to(stats)
     if not isinstance(thresholds, (list, tuple)):
         thresholds = [thresholds] * len(leaves)
-    new, moved = [], jnp.int32(0)
+    new, moved = [], []
     for w, z, t in zip(leaves, zs, thresholds):
         if z is None:
             new.append(w)
+            moved.append(jnp.int32(0))
             continue
         step = jnp.where(jnp.abs(z) > t, jnp.sign(z), 0)
-        moved = moved + jnp.sum(jnp.abs(step))
+        moved.append(jnp.sum(jnp.abs(step)))
         new.append(i8.sat(w.astype(jnp.int32) + step))
-    return jax.tree_util.tree_unflatten(treedef, new), moved
+    return jax.tree_util.tree_unflatten(treedef, new), sum(moved[1:], moved[0]), moved
+
+
+class IntUpdate(NamedTuple):
+    params: object  # the new int8 params
+    momentum: object  # int32 tree (the statistic itself when momentum_bits = 0)
+    moved: jax.Array  # entries moved in total (int32)
+    moved_leaves: list  # entries moved per leaf (tree_leaves order)
+    pair_fitness: jax.Array  # (N / 2,) int32
 
 
 def es_step(plan, key, table, generation, params, fitness, *, mode: str, z16, var: int,
-            chunk: int | None = None):
-    """Whole integer update from member fitnesses (N,) int32 -> (params, moved, pair fitness)."""
+            chunk: int | None = None, stat: str = "ab", momentum=None, momentum_bits: int = 0,
+            vector_z16=None) -> IntUpdate:
+    """Whole integer update from member fitnesses (N,) int32.
+
+    Z per leaf (`update_statistic`), optionally folded into the momentum M (`accumulate`); a
+    leaf entry moves by sign where |M| passes the z-test at z16 (matrices) / vector_z16 (vectors,
+    default z16), whose null standard deviation is that of Z times momentum_scale16 / 16."""
     pf = pair_fitness(fitness, mode)
-    stats = update_statistic(plan, key, table, generation, pf, chunk)
-    t_mat = threshold(pf, plan.rank, var, z16)
-    t_vec = threshold(pf, 1, round(math.sqrt(var)), z16)
+    stats = update_statistic(plan, key, table, generation, pf, chunk, stat)
+    if momentum_bits:
+        stats = accumulate(momentum, stats, momentum_bits)
+    unit = 1 if stat == "sign" else var  # sd of one term of a matrix entry: 1 for ±1 products
+    t_mat = threshold(pf, plan.rank, unit, z16)
+    t_vec = threshold(pf, 1, round(math.sqrt(var)), z16 if vector_z16 is None else vector_z16)
+    if momentum_bits:
+        k16 = momentum_scale16(momentum_bits)
+        t_mat, t_vec = (t_mat * k16 + 8) >> 4, (t_vec * k16 + 8) >> 4
     thr = [t_mat if leaf.kind == nz.LOWRANK else t_vec for leaf in plan.leaves]
-    new, moved = apply_update(params, stats, thr)
-    return new, moved, pf
+    new, moved, per_leaf = apply_update(params, stats, thr)
+    return IntUpdate(new, stats, moved, per_leaf, pf)

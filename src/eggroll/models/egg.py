@@ -57,6 +57,21 @@ def _weights(key, shape):
 
 
 RESIDUAL_INITS = ("normal", "zero")
+GRU_SHIFTS = ("joint", "split")
+
+
+class Arch(NamedTuple):
+    """Static choices of the forward pass (not parameters; hashable, so jit-static).
+
+    gru_shift "joint" (the paper's description as we read it): W u + U h is one int32 sum of
+    fan-in 2d, shifted once by matmul_shift(2d). "split": each product is shifted by its own
+    matmul_shift(d) before the (saturating) add, so each keeps unit variance and the gate
+    pre-activation is about sqrt(2) to 2 times larger at small widths."""
+
+    gru_shift: str = "joint"
+
+
+DEFAULT_ARCH = Arch()
 
 
 def init_egg(key, layers: int, width: int, residual_init: str = "normal") -> dict:
@@ -110,16 +125,27 @@ def _lin(w, x, noise):
     return ist.linear_acc(w, x, noise)
 
 
-def gru(p, u, h, noise, shifts):
-    s = shifts["gru"]
+def _gru_pre(wx, uh, shifts, arch):
+    """Gate / candidate pre-activation (int32, before the bias) from the int32 products W x, U h."""
+    if arch.gru_shift == "split":
+        return i8.shift_round(wx, shifts["d"]) + i8.shift_round(uh, shifts["d"])
+    return i8.shift_round(wx + uh, shifts["gru"])
+
+
+def _gru_cell(p, wf_u, wh_u, h, bf, bh, n_uf, n_uh, shifts, arch):
+    """The recurrent half of the GRU for one byte, given the input products W_f u, W_h u."""
     h32 = h.astype(jnp.int32)
-    f = i8.sat(i8.shift_round(_lin(p["wf"], u, _nz(noise, "wf")) + _lin(p["uf"], h, _nz(noise, "uf")), s)
-               + ist.vector(p["bf"], _nz(noise, "bf")))
+    f = i8.sat(_gru_pre(wf_u, _lin(p["uf"], h, n_uf), shifts, arch) + bf)
     gate = f.astype(jnp.int32) + i8.QMAX  # [0, 254]
     g = ((gate * h32) >> 8).astype(jnp.int8)
-    cand = i8.sat(i8.shift_round(_lin(p["wh"], u, _nz(noise, "wh")) + _lin(p["uh"], g, _nz(noise, "uh")), s)
-                  + ist.vector(p["bh"], _nz(noise, "bh")))
+    cand = i8.sat(_gru_pre(wh_u, _lin(p["uh"], g, n_uh), shifts, arch) + bh)
     return i8.sat(h32 + ((gate * (cand.astype(jnp.int32) - h32)) >> 8))
+
+
+def gru(p, u, h, noise, shifts, arch: Arch = DEFAULT_ARCH):
+    return _gru_cell(p, _lin(p["wf"], u, _nz(noise, "wf")), _lin(p["wh"], u, _nz(noise, "wh")), h,
+                     ist.vector(p["bf"], _nz(noise, "bf")), ist.vector(p["bh"], _nz(noise, "bh")),
+                     _nz(noise, "uf"), _nz(noise, "uh"), shifts, arch)
 
 
 def mlp(p, u, noise, shifts):
@@ -127,7 +153,7 @@ def mlp(p, u, noise, shifts):
     return i8.sat(i8.shift_round(_lin(p["w2"], y, _nz(noise, "w2")), shifts["4d"]))
 
 
-def step(params, h, byte, noise=None):
+def step(params, h, byte, noise=None, arch: Arch = DEFAULT_ARCH):
     """One byte: (params, h (L, d) int8, input byte) -> (h' (L, d) int8, logits (256,) int8)."""
     shifts = shape_of(params).shifts
     byte = jnp.asarray(byte, jnp.int32)
@@ -137,7 +163,7 @@ def step(params, h, byte, noise=None):
     for l, p in enumerate(params["layers"]):
         ln = _nz(noise, "layers", l)
         u = i8.norm(x, ist.vector(p["ln1"], _nz(ln, "ln1")))
-        hl = gru(p, u, h[l], ln, shifts)
+        hl = gru(p, u, h[l], ln, shifts, arch)
         new_h.append(hl)
         x = i8.sat(x.astype(jnp.int32) + hl)
         u = i8.norm(x, ist.vector(p["ln2"], _nz(ln, "ln2")))
@@ -152,24 +178,88 @@ def init_hidden(params) -> jax.Array:
     return jnp.zeros((s.layers, s.width), jnp.int8)
 
 
-def sequence_logprob(params, h, tokens, noise=None):
+def sequence_logprob(params, h, tokens, noise=None, arch: Arch = DEFAULT_ARCH):
     """tokens (T + 1,) bytes: read tokens[:-1], score tokens[1:].
     -> (h after T bytes, sum of log2 p in 1/16-bit units (int32), per-byte log2 p16 (T,))."""
     tokens = jnp.asarray(tokens, jnp.int32)
 
     def body(h, xy):
         x, y = xy
-        h, logits = step(params, h, x, noise)
+        h, logits = step(params, h, x, noise, arch)
         return h, i8.log2_prob16(logits, y)
 
     h, lp = lax.scan(body, h, (tokens[:-1], tokens[1:]))
     return h, jnp.sum(lp), lp
 
 
-def sequence_logits(params, h, tokens, noise=None):
-    """Logits (T, 256) int8 for inputs tokens (T,), and the final hidden state."""
+def _gru_window(p, u, h, reset, noise, shifts, arch):
+    """One GRU layer over a window: u (T, d) normed inputs, h (d,) state, reset (T,) bool.
+    The input products W_f u, W_h u are one (T, d) matmul each; only U_f h, U_h g run byte by
+    byte. Integer arithmetic, so this equals `gru` applied byte by byte exactly."""
+    wf_u = _lin(p["wf"], u, _nz(noise, "wf"))  # (T, d) int32
+    wh_u = _lin(p["wh"], u, _nz(noise, "wh"))
+    bf, bh = ist.vector(p["bf"], _nz(noise, "bf")), ist.vector(p["bh"], _nz(noise, "bh"))
+    n_uf, n_uh = _nz(noise, "uf"), _nz(noise, "uh")
+
+    def body(h, xs):
+        wfu, whu, r = xs
+        h = _gru_cell(p, wfu, whu, jnp.where(r, jnp.zeros_like(h), h), bf, bh, n_uf, n_uh, shifts, arch)
+        return h, h
+
+    return lax.scan(body, h, (wf_u, wh_u, reset))
+
+
+def window_logits(params, h, inputs, noise=None, arch: Arch = DEFAULT_ARCH):
+    """Logits (T, 256) int8 for input bytes (T,) and the hidden state after them, computed layer
+    by layer: every matmul except the recurrent U h runs on the whole window at once. Equal to
+    scanning `step` (integer arithmetic; tested)."""
+    shifts = shape_of(params).shifts
+    inputs = jnp.asarray(inputs, jnp.int32)
+    reset = inputs == 0  # a separator starts a fresh document
+    x = ist.embed(params["embed"], inputs, _nz(noise, "embed"))  # (T, d)
+    new_h = []
+    for l, p in enumerate(params["layers"]):
+        ln = _nz(noise, "layers", l)
+        u = i8.norm(x, ist.vector(p["ln1"], _nz(ln, "ln1")))
+        hl, hs = _gru_window(p, u, h[l], reset, ln, shifts, arch)
+        new_h.append(hl)
+        x = i8.sat(x.astype(jnp.int32) + hs)
+        u = i8.norm(x, ist.vector(p["ln2"], _nz(ln, "ln2")))
+        x = i8.sat(x.astype(jnp.int32) + mlp(p, u, ln, shifts))
+    x = i8.norm(x, ist.vector(params["ln_out"], _nz(noise, "ln_out")))
+    logits = i8.sat(i8.shift_round(_lin(params["head"], x, _nz(noise, "head")), shifts["d"]))
+    return logits, jnp.stack(new_h)
+
+
+def window_logprob(params, h, tokens, noise=None, arch: Arch = DEFAULT_ARCH):
+    """`sequence_logprob` computed layer by layer (`window_logits`): same results, faster."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    logits, h = window_logits(params, h, tokens[:-1], noise, arch)
+    lp = jax.vmap(i8.log2_prob16)(logits, tokens[1:])
+    return h, jnp.sum(lp), lp
+
+
+def sequence_logits(params, h, tokens, noise=None, arch: Arch = DEFAULT_ARCH):
+    """Logits (T, 256) int8 for inputs tokens (T,), and the final hidden state (byte by byte:
+    the sampler's reference; `window_logits` is the fast equivalent)."""
     def body(h, x):
-        h, logits = step(params, h, x, noise)
+        h, logits = step(params, h, x, noise, arch)
         return h, logits
 
     return lax.scan(body, h, jnp.asarray(tokens, jnp.int32))
+
+
+def heldout_bits(params, windows, arch: Arch = DEFAULT_ARCH):
+    """Total exact cross-entropy in bits (float32: a metric, not training) of the plain model
+    reading windows (streams, n_windows, T + 1) (`tasks.heldout.heldout_windows`): each stream
+    from a zero state, its hidden state carried across its windows."""
+    windows = jnp.asarray(windows, jnp.int32)
+    h0 = jnp.zeros((windows.shape[0], *init_hidden(params).shape), jnp.int8)
+    read = jax.vmap(window_logits, (None, 0, 0, None, None))
+
+    def body(h, win):  # win (streams, T + 1)
+        logits, h = read(params, h, win[:, :-1], None, arch)
+        return h, -jnp.sum(i8.log2_prob_float(logits, win[:, 1:]))
+
+    _, bits = lax.scan(body, h0, jnp.swapaxes(windows, 0, 1))
+    return jnp.sum(bits)

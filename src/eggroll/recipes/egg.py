@@ -50,9 +50,10 @@ from ..population import evaluate_population
 from ..runlog import RunLog
 from ..cli import flag
 
-TRAJECTORY_FIELDS = ("population", "layers", "width", "residual_init", "rank", "sigma_shift", "alpha", "alpha_decay",
-                     "fitness", "tokens_per_update", "group_size", "dataset", "max_bytes", "seed",
-                     "generations", "noise_reuse", "table_size")
+TRAJECTORY_FIELDS = ("population", "layers", "width", "residual_init", "gru_shift", "rank", "sigma_shift",
+                     "vector_sigma_shift", "alpha", "alpha_decay", "alpha_schedule", "vector_alpha", "update_stat",
+                     "momentum_bits", "fitness", "tokens_per_update", "group_size", "dataset", "max_bytes", "seed",
+                     "noise_seed", "generations", "noise_reuse", "table_size")
 
 
 _arg = flag  # Config field -> CLI flag (eggroll.cli.flag)
@@ -60,33 +61,65 @@ _arg = flag  # Config field -> CLI flag (eggroll.cli.flag)
 
 @dataclass
 class Config:
+    preset: str = _arg("", "start from a named recipe (paper: the paper's); explicit flags override it")
     population: int = _arg(1024, "population size (a multiple of group_size and of the device count)")
     layers: int = _arg(1, "number of GRU+MLP layers")
     width: int = _arg(64, "model width d (MLP hidden 4d)")
     residual_init: str = _arg("normal", "MLP output weights: normal (round(16 N(0,1))) or zero", egg.RESIDUAL_INITS)
+    gru_shift: str = _arg("joint", "GRU rescaling: joint (W u + U h shifted once) or split (each by its fan-in)",
+                          egg.GRU_SHIFTS)
     rank: int = _arg(1, "rank r of the integer low-rank perturbations")
     sigma_shift: int = _arg(4, "noise scale sigma = 2^-sigma_shift")
+    vector_sigma_shift: int = _arg(-1, "noise scale of vectors (biases, gains): 2^-shift (-1: sigma_shift)")
     alpha: float = _arg(1.0, "z-test level of the update at generation 0 (1: every nonzero Z moves)")
-    alpha_decay: float = _arg(6.0, "alpha decays to alpha * 2^-alpha_decay by the last generation (0: constant)")
+    alpha_decay: float = _arg(6.0, "alpha falls to alpha * 2^-alpha_decay by the last generation (0: constant)")
+    alpha_schedule: str = _arg("exp", "shape of the alpha decay: exp or hyperbolic", ist.ALPHA_SCHEDULES)
+    vector_alpha: float = _arg(0.0, "z-test level of vectors at generation 0, same decay (0: alpha)")
+    update_stat: str = _arg("ab", "update statistic: ab (sum f A B^T) or sign (sum f sign(A) sign(B)^T)",
+                            ist.STATISTICS)
+    momentum_bits: int = _arg(0, "integer momentum M = (1 - 2^-k) M + Z tested instead of Z (0: none)")
     fitness: str = _arg("norm", "pair fitness: sign(f+ - f-) or the normalised difference", ist.FITNESS_MODES)
     tokens_per_update: int = _arg(64, "bytes each stream reads per generation")
     group_size: int = _arg(2, "members sharing one data stream (even: antithetic pairs share data)")
     dataset: str = _arg("stdlib", "corpus: stdlib, a text/JSONL file or directory, minipile, a HF dataset")
     cache_dir: str = _arg("", "corpus cache directory (empty: the default)")
     max_bytes: int = _arg(0, "cap on the corpus size in bytes (0: none)")
-    seed: int = _arg(0, "random seed")
+    seed: int = _arg(0, "random seed (initial weights; also the noise unless noise_seed is set)")
+    noise_seed: int = _arg(-1, "seed of the perturbations alone (-1: from seed)")
     generations: int = _arg(1500, "generation budget")
     time_limit: float = _arg(0.0, "stop after this many wall-clock seconds (0: no limit)")
     chunk: int = _arg(0, "members per vmap chunk on each device (0: all of them)")
     noise_reuse: int = _arg(1, "refresh the noise every k generations (0: never)")
     table_size: int = _arg(0, "int8 noise table entries (0: automatic)")
     eval_every: int = _arg(100, "evaluate held-out bits/byte every k generations")
-    eval_streams: int = _arg(32, "held-out windows per evaluation")
-    eval_tokens: int = _arg(256, "bytes per held-out window")
+    eval_bytes: int = _arg(65536, "held-out bytes read by each periodic evaluation")
+    final_eval_bytes: int = _arg(0, "held-out bytes read by the final evaluation (0: the whole valid split)")
+    eval_streams: int = _arg(64, "parallel held-out streams per evaluation")
     run_dir: str = _arg("runs/egg", "run directory")
     checkpoint_every: int = _arg(100, "checkpoint every k generations (0: only at the end)")
     resume: bool = _arg(False, "continue from the run directory's checkpoint, if there is one")
     progress: bool = _arg(True, "progress bar on stderr (shown only in a terminal)")
+
+
+# The paper's recipe (official nano-egg defaults, as we read the paper): 6 x 256, 100 bytes per
+# update, one shift for W u + U h, alpha decaying exponentially, no momentum, A B^T statistic.
+PRESETS = {
+    "paper": {"layers": 6, "width": 256, "tokens_per_update": 100, "group_size": 2, "sigma_shift": 4,
+              "gru_shift": "joint", "residual_init": "normal", "alpha": 1.0, "alpha_decay": 6.0,
+              "alpha_schedule": "exp", "update_stat": "ab", "momentum_bits": 0, "vector_sigma_shift": -1,
+              "vector_alpha": 0.0, "fitness": "norm", "noise_reuse": 1},
+}
+
+
+def resolve(cfg: Config) -> Config:
+    """Apply cfg.preset: its values replace the fields left at their defaults (explicit flags win)."""
+    if not cfg.preset:
+        return cfg
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"egg config: preset must be one of {sorted(PRESETS)} (or empty), got {cfg.preset!r}")
+    defaults = Config()
+    values = {k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) == getattr(defaults, k)}
+    return dataclasses.replace(cfg, preset="", **values)
 
 
 def validate(cfg: Config) -> Config:
@@ -101,8 +134,8 @@ def validate(cfg: Config) -> Config:
          f"group_size must be even and >= 2 (antithetic pairs share data), got {cfg.group_size}")
     need(cfg.population >= 2 and cfg.population % cfg.group_size == 0,
          f"population {cfg.population} must be a positive multiple of group_size {cfg.group_size}")
-    n_dev = jax.local_device_count()
-    need(cfg.population % n_dev == 0, f"population {cfg.population} must be a multiple of the {n_dev} local devices")
+    n_dev = jax.device_count()  # the population mesh spans every device of every process
+    need(cfg.population % n_dev == 0, f"population {cfg.population} must be a multiple of the {n_dev} devices")
     local = cfg.population // n_dev
     need(cfg.chunk >= 0 and (cfg.chunk == 0 or local % cfg.chunk == 0),
          f"chunk {cfg.chunk} must be 0 or divide the per-device population {local}")
@@ -117,7 +150,16 @@ def validate(cfg: Config) -> Config:
          f"population x rank too large for the int32 z-test ({cfg.population} x {cfg.rank})")
     need(cfg.generations >= 0 and cfg.eval_every >= 1 and cfg.checkpoint_every >= 0,
          "generations >= 0, eval_every >= 1 and checkpoint_every >= 0 required")
-    need(cfg.eval_streams >= 1 and cfg.eval_tokens >= 1, "eval_streams and eval_tokens must be >= 1")
+    need(cfg.eval_streams >= 1 and cfg.eval_bytes >= 1 and cfg.final_eval_bytes >= 0,
+         "eval_streams >= 1, eval_bytes >= 1 and final_eval_bytes >= 0 required")
+    need(cfg.gru_shift in egg.GRU_SHIFTS, f"gru_shift must be one of {egg.GRU_SHIFTS}, got {cfg.gru_shift!r}")
+    need(cfg.alpha_schedule in ist.ALPHA_SCHEDULES,
+         f"alpha_schedule must be one of {ist.ALPHA_SCHEDULES}, got {cfg.alpha_schedule!r}")
+    need(cfg.update_stat in ist.STATISTICS, f"update_stat must be one of {ist.STATISTICS}, got {cfg.update_stat!r}")
+    need(0 <= cfg.vector_alpha <= 1, f"vector_alpha must be in [0, 1] (0: alpha), got {cfg.vector_alpha}")
+    need(cfg.vector_sigma_shift == -1 or 0 <= cfg.vector_sigma_shift <= 12,
+         f"vector_sigma_shift must be -1 (same as sigma_shift) or in [0, 12], got {cfg.vector_sigma_shift}")
+    need(0 <= cfg.momentum_bits <= 12, f"momentum_bits must be in [0, 12], got {cfg.momentum_bits}")
     need(cfg.noise_reuse >= 0 and cfg.table_size >= 0 and cfg.max_bytes >= 0 and cfg.time_limit >= 0,
          "noise_reuse, table_size, max_bytes and time_limit must be >= 0")
     return cfg
@@ -126,22 +168,7 @@ def validate(cfg: Config) -> Config:
 class TrainState(NamedTuple):
     params: Any  # dict of int8 arrays
     hidden: jax.Array  # (population, layers, width) int8: each member's state, carried on
-
-
-class Train(NamedTuple):
-    cfg: Config
-    splits: Any  # tasks.text.ByteSplits
-    plan: nz.NoisePlan
-    table: jax.Array  # int8 noise table
-    var: int  # mean square of the table entries
-    init: Callable[[], TrainState]
-    batch: Callable[[int], np.ndarray]  # generation -> (streams, T + 1) uint8
-    z16: Callable[[int], int]  # generation -> round(16 z) of that generation's level
-    step: Callable  # (TrainState, tokens, generation, z16) -> (TrainState, int metrics)
-    spec: StepSpec
-    k_noise: jax.Array
-    evaluate: Callable  # params -> held-out bits/byte (float)
-    eval_tokens: np.ndarray  # (eval_streams, eval_tokens + 1) uint8
+    momentum: Any = None  # int32 tree shaped like params (momentum_bits > 0), else None
 
 
 class StepSpec(NamedTuple):
@@ -152,37 +179,50 @@ class StepSpec(NamedTuple):
     group_size: int
     chunk: int
     sigma_shift: int
+    vector_sigma_shift: int
     fitness: str
     var: int  # mean square of the noise-table entries
+    stat: str
+    momentum_bits: int
+    arch: egg.Arch
 
 
 def generation(spec: StepSpec, plan, ts: TrainState, tokens, gen, z16, k_noise, table):
-    """One generation, integer only: (state, tokens (streams, T + 1) uint8, generation, z16) ->
-    (state, integer metrics)."""
+    """One generation, integer only: (state, tokens (streams, T + 1) uint8, generation,
+    z16 = (matrix, vector) round(16 z) of this generation's levels) -> (state, integer metrics)."""
     def member(m):
-        noise = ist.member_noise(plan, k_noise, table, gen, m, spec.sigma_shift)
-        h, s, _ = egg.sequence_logprob(ts.params, ts.hidden[m], tokens[m // spec.group_size], noise)
+        noise = ist.member_noise(plan, k_noise, table, gen, m, spec.sigma_shift, spec.vector_sigma_shift)
+        h, s, _ = egg.window_logprob(ts.params, ts.hidden[m], tokens[m // spec.group_size], noise, spec.arch)
         return s, h
 
     fit, hidden = evaluate_population(member, spec.population, chunk=spec.chunk or None)
-    params, moved, pf = ist.es_step(plan, k_noise, table, gen, ts.params, fit, mode=spec.fitness,
-                                    z16=z16, var=spec.var)
-    metrics = {"fitness_sum": jnp.sum(fit), "fitness_max": jnp.max(fit), "moved": moved,
-               "pairs_nonzero": jnp.sum(pf != 0)}
-    return TrainState(params, hidden), metrics
+    up = ist.es_step(plan, k_noise, table, gen, ts.params, fit, mode=spec.fitness, z16=z16[0], var=spec.var,
+                     stat=spec.stat, momentum=ts.momentum, momentum_bits=spec.momentum_bits, vector_z16=z16[1])
+    metrics = {"fitness_sum": jnp.sum(fit), "fitness_max": jnp.max(fit), "moved": up.moved,
+               "moved_leaves": jnp.stack(up.moved_leaves), "pairs_nonzero": jnp.sum(up.pair_fitness != 0)}
+    return TrainState(up.params, hidden, up.momentum if spec.momentum_bits else None), metrics
 
 
 _generation_jit = jax.jit(generation, static_argnums=(0, 1), donate_argnums=2)
+_heldout_bits = jax.jit(egg.heldout_bits, static_argnums=2)
 
 
-@jax.jit
-def _heldout_bits(params, toks):
-    """Mean exact cross-entropy (bits/byte, float: a metric) of the plain model on windows
-    toks (n, T + 1), each read from a zero hidden state."""
-    h0 = egg.init_hidden(params)
-    toks = toks.astype(jnp.int32)
-    _, logits = jax.vmap(egg.sequence_logits, (None, None, 0))(params, h0, toks[:, :-1])
-    return -jnp.mean(i8.log2_prob_float(logits, toks[:, 1:]))
+class Train(NamedTuple):
+    cfg: Config
+    splits: Any  # tasks.text.ByteSplits
+    plan: nz.NoisePlan
+    table: jax.Array  # int8 noise table
+    var: int  # mean square of the noise-table entries
+    init: Callable[[], TrainState]
+    batch: Callable[[int], np.ndarray]  # generation -> (streams, T + 1) uint8
+    z16: Callable[[int], tuple]  # generation -> (matrix, vector) round(16 z) of that generation's levels
+    step: Callable  # (TrainState, tokens, generation, z16) -> (TrainState, int metrics)
+    spec: StepSpec
+    k_noise: jax.Array
+    evaluate: Callable  # (params, windows) -> held-out bits/byte (float)
+    eval_windows: np.ndarray  # (eval_streams, n_windows, T + 1) uint8, periodic evaluation
+    leaf_names: list  # tree_leaves order, for the per-leaf metrics
+    leaf_sizes: list
 
 
 def load_splits(cfg: Config):
@@ -191,87 +231,106 @@ def load_splits(cfg: Config):
     return load_corpus(cfg.dataset, cfg.cache_dir or None, max_bytes=cfg.max_bytes or None)
 
 
+def level(cfg: Config, alpha: float, gen: int) -> float:
+    return ist.alpha_at(alpha, cfg.alpha_decay, gen, cfg.generations, cfg.alpha_schedule)
+
+
 def make_train(cfg: Config, splits=None) -> Train:
     """The pieces of a run. `splits` (tasks.text.ByteSplits) overrides loading cfg.dataset."""
-    validate(cfg)
+    cfg = validate(resolve(cfg))
+    from ..tasks.heldout import heldout_windows
     from ..tasks.text import stream_windows
 
     splits = load_splits(cfg) if splits is None else splits
     if len(splits.train) < 2 or len(splits.valid) < 2:
         raise ValueError("the corpus needs at least 2 bytes in train and valid")
-    key = jax.random.PRNGKey(cfg.seed)
-    k_params, k_noise = jax.random.split(key)
+    k_params, k_noise = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    if cfg.noise_seed >= 0:
+        k_noise = jax.random.fold_in(jax.random.PRNGKey(cfg.noise_seed), 0x5EED)
     k_noise = jax.random.key_data(k_noise) if jnp.issubdtype(k_noise.dtype, jax.dtypes.prng_key) else k_noise
     params0 = egg.init_egg(k_params, cfg.layers, cfg.width, cfg.residual_init)
     plan = ist.make_plan(params0, cfg.rank, cfg.noise_reuse)
     n_pairs, n_streams = cfg.population // 2, cfg.population // cfg.group_size
     table = ist.make_table(k_noise, nz.required_table_size(plan, cfg.table_size or None, n_pairs))
     var = ist.table_variance(table)
-    spec = StepSpec(cfg.population, cfg.group_size, cfg.chunk, cfg.sigma_shift, cfg.fitness, var)
-    T = cfg.tokens_per_update
+    vshift = cfg.sigma_shift if cfg.vector_sigma_shift < 0 else cfg.vector_sigma_shift
+    spec = StepSpec(cfg.population, cfg.group_size, cfg.chunk, cfg.sigma_shift, vshift, cfg.fitness, var,
+                    cfg.update_stat, cfg.momentum_bits, egg.Arch(cfg.gru_shift))
 
     def step(ts, tokens, gen, z16):
-        return _generation_jit(spec, plan, ts, jnp.asarray(tokens), jnp.int32(gen), jnp.int32(z16), k_noise, table)
+        return _generation_jit(spec, plan, ts, jnp.asarray(tokens), jnp.int32(gen),
+                               (jnp.int32(z16[0]), jnp.int32(z16[1])), k_noise, table)
 
-    eval_tokens = stream_windows(np.asarray(splits.valid), cfg.eval_streams, cfg.eval_tokens, 0, overlap=1)
-
-    def evaluate(params):
-        return float(_heldout_bits(params, jnp.asarray(eval_tokens)))
+    def evaluate(params, windows):
+        return float(_heldout_bits(params, jnp.asarray(windows), spec.arch)) / windows[..., 1:].size
 
     def batch(gen):
-        return stream_windows(splits.train, n_streams, T, gen, overlap=1)
+        return stream_windows(splits.train, n_streams, cfg.tokens_per_update, gen, overlap=1)
 
     def z16(gen):
-        return ist.z16_of_alpha(ist.alpha_at(cfg.alpha, cfg.alpha_decay, gen, cfg.generations))
+        return (ist.z16_of_alpha(level(cfg, cfg.alpha, gen)),
+                ist.z16_of_alpha(level(cfg, cfg.vector_alpha or cfg.alpha, gen)))
 
     def init():
         hidden = jnp.zeros((cfg.population, cfg.layers, cfg.width), jnp.int8)
-        return TrainState(params0, hidden)
+        return TrainState(params0, hidden, ist.zero_momentum(params0, plan) if cfg.momentum_bits else None)
 
-    return Train(cfg, splits, plan, table, var, init, batch, z16, step, spec, k_noise, evaluate, eval_tokens)
-
-
-def baselines(splits, eval_tokens) -> dict:
-    """Unigram / bigram bits per byte on the validation split and on the evaluated windows."""
-    from ..tasks.text import ByteSplits, ngram_bits_per_byte
-
-    full = ngram_bits_per_byte(ByteSplits(splits.train, splits.valid, np.zeros(0, np.uint8)))
-    sub = ngram_bits_per_byte(ByteSplits(splits.train, np.ascontiguousarray(eval_tokens[:, 1:]).ravel(),
-                                         np.zeros(0, np.uint8)))
-    return {"unigram_valid_bits_per_byte": full["unigram_valid"], "bigram_valid_bits_per_byte": full["bigram_valid"],
-            "unigram_eval_bits_per_byte": sub["unigram_valid"], "bigram_eval_bits_per_byte": sub["bigram_valid"],
-            "unigram_train_bits_per_byte": full["unigram_train"], "bigram_train_bits_per_byte": full["bigram_train"]}
+    flat = jax.tree_util.tree_flatten_with_path(params0)[0]
+    names = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in flat]
+    eval_windows = heldout_windows(np.asarray(splits.valid), cfg.eval_bytes, cfg.eval_streams)
+    return Train(cfg, splits, plan, table, var, init, batch, z16, step, spec, k_noise, evaluate, eval_windows,
+                 names, [int(np.size(x)) for _, x in flat])
 
 
-def _resume_mismatch(cfg: Config, saved: dict) -> list[str]:
-    return config_mismatch(cfg, saved, TRAJECTORY_FIELDS)
+def baselines(splits, windows) -> dict:
+    """Unigram / bigram bits per byte (add-one, fit on train) on exactly the byte pairs the
+    model scores when it reads `windows`."""
+    from ..tasks.heldout import ngram_bits_on_windows
+
+    return ngram_bits_on_windows(splits.train, windows)
+
+
+def leaf_metrics(train: Train, moved_leaves) -> dict:
+    """Fractions of entries moved this generation: per leaf, and pooled over matrices / vectors."""
+    out, pooled = {}, {"matrices": [0, 0], "vectors": [0, 0]}
+    for name, size, leaf, m in zip(train.leaf_names, train.leaf_sizes, train.plan.leaves, moved_leaves):
+        if leaf.kind == nz.FROZEN:
+            continue
+        out[f"moved_frac/{name}"] = int(m) / size
+        group = pooled["matrices" if leaf.kind == nz.LOWRANK else "vectors"]
+        group[0] += int(m)
+        group[1] += size
+    out.update({f"moved_frac_{k}": v[0] / max(v[1], 1) for k, v in pooled.items()})
+    return out
+
+
+def _restore(cfg: Config, ckpt_dir: Path, state: TrainState):
+    if not (cfg.resume and (ckpt_dir / "arrays.safetensors").exists()):
+        if cfg.resume:
+            print(f"[egg] --resume: no checkpoint in {ckpt_dir}, starting from scratch", file=sys.stderr)
+        return state, {}
+    saved = json.loads((ckpt_dir / "meta.json").read_text()).get("metadata", {})
+    bad = config_mismatch(cfg, saved.get("config", {}), TRAJECTORY_FIELDS)
+    if bad:
+        raise ValueError(f"cannot resume {ckpt_dir}: the config differs in fields that change "
+                         f"training ({'; '.join(bad)}); use the original values or a new run_dir")
+    tree, meta = load_checkpoint(ckpt_dir, state._asdict())
+    return TrainState(**tree), meta
 
 
 def run(cfg: Config, splits=None) -> dict:
     """Train with logging and checkpoints; returns the final summary dict."""
-    validate(cfg)
+    cfg = validate(resolve(cfg))
     t0 = time.perf_counter()
-    run_dir = Path(cfg.run_dir)
+    run_dir, train = Path(cfg.run_dir), make_train(cfg, splits)
     ckpt_dir = run_dir / "checkpoint"
-    train = make_train(cfg, splits)
-    state = train.init()
-    meta: dict = {}
-    if cfg.resume and (ckpt_dir / "arrays.safetensors").exists():
-        saved = json.loads((ckpt_dir / "meta.json").read_text()).get("metadata", {})
-        bad = _resume_mismatch(cfg, saved.get("config", {}))
-        if bad:
-            raise ValueError(f"cannot resume {ckpt_dir}: the config differs in fields that change "
-                             f"training ({'; '.join(bad)}); use the original values or a new run_dir")
-        state, meta = load_checkpoint(ckpt_dir, state._asdict())
-        state = TrainState(**state)
-    elif cfg.resume:
-        print(f"[egg] --resume: no checkpoint in {ckpt_dir}, starting from scratch", file=sys.stderr)
+    state, meta = _restore(cfg, ckpt_dir, train.init())
     start = int(meta.get("generation", 0))
-    base = baselines(train.splits, train.eval_tokens)
-    lines = {"bigram_valid": base["bigram_eval_bits_per_byte"], "unigram_valid": base["unigram_eval_bits_per_byte"]}
+    base = baselines(train.splits, train.eval_windows)
+    lines = {"bigram_valid": base["bigram"], "unigram_valid": base["unigram"]}
     log = RunLog(run_dir, total=cfg.generations, resume_from=start if meta else None, wall_offset=meta.get("wall_s"),
                  plot_keys=[("valid_bits_per_byte", "train_bits_per_byte", "bigram_valid", "unigram_valid"),
-                            ("moved",)],
+                            ("moved_frac_matrices", "moved_frac_vectors")],
                  postfix_keys=["valid_bits_per_byte", "train_bits_per_byte"],
                  progress=None if cfg.progress else False, desc="egg",
                  title=f"EGG int8 L{cfg.layers} d{cfg.width}, population {cfg.population}", start_time=t0)
@@ -279,7 +338,7 @@ def run(cfg: Config, splits=None) -> dict:
     gen = start
     valid, valid_gen = meta.get("valid_bits_per_byte"), meta.get("valid_generation")
     if not meta:
-        valid, valid_gen = train.evaluate(state.params), 0
+        valid, valid_gen = train.evaluate(state.params, train.eval_windows), 0
         log.log(0, {"valid_bits_per_byte": valid, **lines})
     n_tok = cfg.population // cfg.group_size * cfg.tokens_per_update
 
@@ -298,32 +357,46 @@ def run(cfg: Config, splits=None) -> dict:
             m = jax.device_get(m)
             rec = {"train_bits_per_byte": -float(m["fitness_sum"]) / (16 * cfg.population * cfg.tokens_per_update),
                    "moved": int(m["moved"]), "pairs_nonzero": int(m["pairs_nonzero"]),
-                   "alpha": ist.alpha_at(cfg.alpha, cfg.alpha_decay, gen - 1, cfg.generations),
-                   "train_bytes": gen * n_tok}
+                   "alpha": level(cfg, cfg.alpha, gen - 1), "train_bytes": gen * n_tok,
+                   **leaf_metrics(train, m["moved_leaves"])}
             if gen % cfg.eval_every == 0 or gen == cfg.generations:
-                valid, valid_gen = train.evaluate(state.params), gen
+                valid, valid_gen = train.evaluate(state.params, train.eval_windows), gen
                 rec.update(valid_bits_per_byte=valid, **lines)
             log.log(gen, rec)
             if gen == cfg.generations or (cfg.checkpoint_every and gen % cfg.checkpoint_every == 0):
                 checkpoint()
         if valid_gen != gen:
-            valid, valid_gen = train.evaluate(state.params), gen
+            valid, valid_gen = train.evaluate(state.params, train.eval_windows), gen
             log.log(gen, {"valid_bits_per_byte": valid, **lines})
         checkpoint()
-        result = {
-            "valid_bits_per_byte": valid,
-            **base,
-            "beats_bigram": bool(valid < base["bigram_eval_bits_per_byte"]),
-            "population": cfg.population,
-            "generations": gen,
-            "train_bytes": gen * n_tok,
-            "wall_s": round(log.elapsed, 3),
-            "session_wall_s": round(time.perf_counter() - t0, 3),
-            "num_params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params))),
-            "eval_bytes": int(train.eval_tokens[:, 1:].size),
-            "run_dir": str(run_dir),
-        }
+        result = final_result(cfg, train, state, valid, base, log, gen * n_tok, t0)
+        result["generations"] = gen
         log.write_json("result", result)
     finally:
         log.close()
     return result
+
+
+def final_result(cfg: Config, train: Train, state: TrainState, valid: float, base: dict, log, train_bytes, t0):
+    """The summary: the final model on final_eval_bytes of valid (0: all of it) beside the
+    n-gram baselines on exactly those bytes, and the periodic figure on eval_bytes."""
+    from ..tasks.heldout import heldout_windows
+
+    final_windows = heldout_windows(np.asarray(train.splits.valid), cfg.final_eval_bytes, cfg.eval_streams)
+    final_base = baselines(train.splits, final_windows)
+    final = train.evaluate(state.params, final_windows)
+    return {
+        "valid_bits_per_byte": final,
+        "bigram_valid_bits_per_byte": final_base["bigram"],
+        "unigram_valid_bits_per_byte": final_base["unigram"],
+        "valid_bytes": final_base["bytes"],
+        "beats_bigram": bool(final < final_base["bigram"]),
+        "eval_bits_per_byte": valid, "bigram_eval_bits_per_byte": base["bigram"],
+        "unigram_eval_bits_per_byte": base["unigram"], "eval_bytes": base["bytes"],
+        "population": cfg.population,
+        "train_bytes": train_bytes,
+        "wall_s": round(log.elapsed, 3),
+        "session_wall_s": round(time.perf_counter() - t0, 3),
+        "num_params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params))),
+        "run_dir": str(cfg.run_dir),
+    }

@@ -44,13 +44,21 @@ def load_model(path) -> tuple[dict, dict]:
         raise ValueError(f"{ckpt} is not an EGG checkpoint (its config has no layers/width)")
     params = egg.init_egg(jax.random.PRNGKey(0), cfg["layers"], cfg["width"])
     hidden = jnp.zeros((cfg["population"], cfg["layers"], cfg["width"]), jnp.int8)
-    tree, meta = load_checkpoint(ckpt, {"params": params, "hidden": hidden})
+    template = {"params": params, "hidden": hidden}
+    if cfg.get("momentum_bits"):  # the integer momentum is saved beside the params
+        template["momentum"] = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.int32), params)
+    tree, meta = load_checkpoint(ckpt, template)
     return tree["params"], meta
 
 
-def generate(params, prompt: bytes, length: int, temperature: float, key) -> bytes:
+def arch_of(meta: dict) -> egg.Arch:
+    """The forward-pass options a checkpoint was trained with."""
+    return egg.Arch(meta.get("config", {}).get("gru_shift", "joint"))
+
+
+def generate(params, prompt: bytes, length: int, temperature: float, key, arch: egg.Arch = egg.DEFAULT_ARCH) -> bytes:
     """Continue `prompt` by `length` bytes (stops early at a 0 byte)."""
-    h, logits = egg.sequence_logits(params, egg.init_hidden(params), jnp.asarray([0, *prompt], jnp.int32))
+    h, logits = egg.sequence_logits(params, egg.init_hidden(params), jnp.asarray([0, *prompt], jnp.int32), None, arch)
     last = logits[-1]
 
     @jax.jit
@@ -59,7 +67,7 @@ def generate(params, prompt: bytes, length: int, temperature: float, key) -> byt
             b = jax.random.categorical(k, logits.astype(jnp.float32) * (math.log(2) / (16 * temperature)))
         else:
             b = jnp.argmax(logits)
-        h, logits = egg.step(params, h, b)
+        h, logits = egg.step(params, h, b, None, arch)
         return h, logits, b
 
     out = []
@@ -77,7 +85,7 @@ def run(cfg: Config) -> dict:
         raise ValueError(f"length must be >= 0 and temperature a finite number >= 0, got {cfg.length}, {cfg.temperature}")
     params, meta = load_model(cfg.checkpoint)
     prompt = cfg.prompt.encode("utf-8")
-    text = generate(params, prompt, cfg.length, cfg.temperature, jax.random.PRNGKey(cfg.seed))
+    text = generate(params, prompt, cfg.length, cfg.temperature, jax.random.PRNGKey(cfg.seed), arch_of(meta))
     full = (prompt + text).decode("utf-8", errors="replace")
     if not cfg.quiet:
         print(full, file=sys.stdout)
