@@ -40,10 +40,10 @@ def _mat_linear_acc(w, x, noise=None):
 
 
 def _mat_embed(table, token, noise=None):
-    row = np.asarray(table, np.int64)[int(token)]
+    row = np.asarray(table, np.int64)[np.asarray(token)]
     if noise is None:
         return jnp.asarray(row, jnp.int8)
-    e = np.asarray(noise.materialize(), np.int64)[int(token)]
+    e = np.asarray(noise.materialize(), np.int64)[np.asarray(token)]
     return jnp.asarray(np.clip(row + np.floor(e / 2.0 ** noise.shift + 0.5), -127, 127), jnp.int8)
 
 

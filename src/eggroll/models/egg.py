@@ -154,23 +154,11 @@ def mlp(p, u, noise, shifts):
 
 
 def step(params, h, byte, noise=None, arch: Arch = DEFAULT_ARCH):
-    """One byte: (params, h (L, d) int8, input byte) -> (h' (L, d) int8, logits (256,) int8)."""
-    shifts = shape_of(params).shifts
-    byte = jnp.asarray(byte, jnp.int32)
-    h = jnp.where(byte == 0, jnp.zeros_like(h), h)  # a separator starts a fresh document
-    x = ist.embed(params["embed"], byte, _nz(noise, "embed"))
-    new_h = []
-    for l, p in enumerate(params["layers"]):
-        ln = _nz(noise, "layers", l)
-        u = i8.norm(x, ist.vector(p["ln1"], _nz(ln, "ln1")))
-        hl = gru(p, u, h[l], ln, shifts, arch)
-        new_h.append(hl)
-        x = i8.sat(x.astype(jnp.int32) + hl)
-        u = i8.norm(x, ist.vector(p["ln2"], _nz(ln, "ln2")))
-        x = i8.sat(x.astype(jnp.int32) + mlp(p, u, ln, shifts))
-    x = i8.norm(x, ist.vector(params["ln_out"], _nz(noise, "ln_out")))
-    logits = i8.sat(i8.shift_round(_lin(params["head"], x, _nz(noise, "head")), shifts["d"]))
-    return jnp.stack(new_h), logits
+    """One byte: (params, h (L, d) int8, input byte) -> (h' (L, d) int8, logits (256,) int8).
+    A window of one byte; scanning it byte by byte is the reference `window_logits` is tested
+    against (all layers per byte there, all bytes per layer here)."""
+    logits, h = window_logits(params, h, jnp.reshape(jnp.asarray(byte, jnp.int32), (1,)), noise, arch)
+    return h, logits[0]
 
 
 def init_hidden(params) -> jax.Array:
