@@ -122,8 +122,7 @@ def log2_fixed(s) -> jnp.ndarray:
 def log2_prob16(logits, target) -> jnp.ndarray:
     """log2 softmax_2(logits / 16)[target] in 1/16-bit units, int32 (<= 0). logits (256,) int8,
     target an integer index. Batch with vmap."""
-    l32 = logits.astype(jnp.int32)
-    d = l32 - jnp.max(l32)  # in [-254, 0]
+    d = logits.astype(jnp.int32) - jnp.max(logits).astype(jnp.int32)  # in [-254, 0]; max taken on int8 (faster)
     total = jnp.sum(jnp.asarray(EXP2_TABLE)[d - EXP2_MIN])  # <= 256 * 2^16 = 2^24
     # log2(total / 2^16) in 1/16 bit, rounded: (log2_fixed(total) - 16*256*16 + 128) >> 8
     lse = (log2_fixed(total) - SCALE * LOG2_FRAC * EXP2_BITS + LOG2_FRAC // 2) >> 8

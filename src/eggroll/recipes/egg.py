@@ -1,29 +1,23 @@
 """EGG: pretrain an integer-only (int8) minGRU byte-level language model with integer EGGROLL.
 
-    eggroll train egg                              # stdlib corpus, CPU-sized defaults (~10 min)
-    eggroll train egg --population 1024 --width 128 --layers 2
+    eggroll train egg                              # stdlib corpus, CPU-sized defaults
+    eggroll train egg --preset paper               # the paper's recipe (6 x 256, ...)
     eggroll train egg --resume                     # continue runs/egg exactly
 
 One generation is one jax.jit call, integer arithmetic only (its metrics are integers too):
+population / group_size streams read tokens_per_update training bytes each (antithetic pairs
+share a stream); member m reads its stream with its own integer low-rank perturbation from its
+hidden state at the end of the previous generation (`models.egg.window_logprob`); fitness = sum
+of log2 p in 1/16-bit units; `int8_strategy.es_step` turns the fitnesses into ±1 steps that pass
+a z-test at level alpha (schedule `level`), optionally on an integer momentum of the statistic.
 
-  1. Data. population / group_size parallel streams read the training split
-     (`tasks.text.stream_windows`); each generation every stream advances tokens_per_update bytes.
-     Stream s is shared by members s*group_size ... (s+1)*group_size - 1, so antithetic pairs
-     always see the same bytes (group_size is even).
-  2. Population. Member m reads its stream with its own integer low-rank perturbation,
-     starting from its hidden state at the end of the previous generation (carried across
-     generations; reset at document separators); fitness = sum of log2 p in 1/16-bit units.
-  3. Update. int8_strategy.es_step: per-pair fitness (sign or normalised difference), Z =
-     sum_p f_p A_p B_p^T in int32, ±1 steps where |Z| passes a z-test at level alpha
-     (alpha * 2^(-alpha_decay * g / G): constant for alpha_decay 0).
-
-Every eval_every generations the unperturbed model reads eval_streams windows of eval_tokens
-held-out bytes from a zero state; the exact cross-entropy of its integer logits (float, a
-metric) is `valid_bits_per_byte`. The unigram / bigram baselines (fit on train) are reported on
-the whole validation split and on exactly the evaluated bytes. The run directory holds
-metrics.jsonl, curve.png (baselines as horizontal lines), config.json, result.json and
-checkpoint/ (params, per-member hidden states; generation and wall clock in its metadata).
-Data, noise and thresholds are functions of (seed, generation), so --resume is exact.
+Every eval_every generations the plain model reads eval_bytes held-out bytes (eval_streams
+streams, `tasks.heldout`); at the end it reads final_eval_bytes (default: the whole valid
+split). Unigram / bigram baselines are scored on exactly the same byte pairs. Per-leaf fractions
+of moved entries are logged every generation (the signal diagnostic is `eggroll bench
+egg-signal`). The run directory holds metrics.jsonl, curve.png, config.json, result.json and
+checkpoint/; data, noise and thresholds are functions of (seed, generation): --resume is exact.
+See docs/EGG.md.
 """
 
 from __future__ import annotations

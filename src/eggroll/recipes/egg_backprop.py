@@ -41,10 +41,11 @@ import optax
 from ..baselines import backprop as bp
 from ..checkpoint import load_checkpoint, save_checkpoint, config_mismatch
 from ..runlog import RunLog
-from ..tasks.text import ByteSplits, load_corpus, ngram_bits_per_byte, stream_windows
+from ..tasks.heldout import heldout_windows, ngram_bits_on_windows
+from ..tasks.text import load_corpus, ngram_bits_per_byte, stream_windows
 from ..cli import flag
 
-EGG_EVAL_STREAMS, EGG_EVAL_TOKENS = 32, 256  # recipes/egg.py defaults eval_streams, eval_tokens
+EGG_EVAL_STREAMS, EGG_EVAL_BYTES = 64, 65536  # recipes/egg.py defaults eval_streams, eval_bytes
 # Config fields that change the training trajectory: a resumed run must match them.
 TRAJECTORY_FIELDS = ("dataset", "max_bytes", "text_column", "layers", "width", "mlp_activation", "streams",
                      "seq_len", "steps", "lr", "warmup", "clip", "weight_decay", "seed")
@@ -203,17 +204,17 @@ def run(cfg: Config) -> dict:
             if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 checkpoint()
         valid_bits = evaluate(state.params, splits.valid)
-        # the egg recipe's held-out bytes (its defaults: 32 windows of 256 bytes), for a like-for-like number
-        egg_windows = stream_windows(np.asarray(splits.valid), EGG_EVAL_STREAMS, EGG_EVAL_TOKENS, 0, overlap=1)
-        egg_ngram = ngram_bits_per_byte(ByteSplits(splits.train, np.ascontiguousarray(egg_windows[:, 1:]).ravel(),
-                                                   np.zeros(0, np.uint8)))
+        # the egg recipe's periodic held-out bytes (64 streams x 1,024 bytes), for a like-for-like number
+        egg_windows = heldout_windows(np.asarray(splits.valid), EGG_EVAL_BYTES, EGG_EVAL_STREAMS,
+                                      max_window=EGG_EVAL_BYTES // EGG_EVAL_STREAMS)[:, 0]
+        egg_ngram = ngram_bits_on_windows(splits.train, egg_windows)
         log.log(step, {"valid_bits_per_byte": valid_bits, "bytes_seen": step * tokens_per_step, **baselines})
         result = {
             "valid_bits_per_byte": valid_bits,
             **baselines,
             "egg_eval_bits_per_byte": float(bp.window_bits(state.params, egg_windows, cfg.mlp_activation)),
-            "bigram_egg_eval_bits_per_byte": egg_ngram["bigram_valid"],
-            "unigram_egg_eval_bits_per_byte": egg_ngram["unigram_valid"],
+            "bigram_egg_eval_bits_per_byte": egg_ngram["bigram"],
+            "unigram_egg_eval_bits_per_byte": egg_ngram["unigram"],
             "unigram_train_bits_per_byte": ngram["unigram_train"],
             "bigram_train_bits_per_byte": ngram["bigram_train"],
             "train_bits_per_byte": train_bits,
