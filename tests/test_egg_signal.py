@@ -1,5 +1,5 @@
-"""`eggroll bench egg-signal`: the agreement statistic on synthetic weight changes, the flag
-string parsing, and a tiny end-to-end run."""
+"""EGG diagnostics: `eggroll bench egg-signal` (the agreement statistic on synthetic weight
+changes, flag-string parsing, a tiny end-to-end run) and `eggroll bench egg-throughput`."""
 
 import numpy as np
 import pytest
@@ -43,3 +43,22 @@ def test_tiny_signal_run(tmp_path):
     assert len(out["valid_bits_per_byte"]) == 2 and out["valid_bits_per_byte"][0] != out["valid_bits_per_byte"][1]
     assert 0 < out["moved_per_generation"][0]["moved_frac_matrices"] <= 1
     assert "layers.0.wf" in out["leaves"]
+
+
+def test_egg_throughput_bench_tiny(tmp_path):
+    from eggroll.bench import egg_throughput
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the cat sat on the mat. " * 2000)
+    out = egg_throughput.run(egg_throughput.Config(
+        flags=f"--dataset {text} --cache-dir {tmp_path / 'c'} --population 32 --width 16 --tokens-per-update 8",
+        repeats=1))
+    assert out["gemm_bound_s"] > 0 and out["chunk"] == 8  # 32 members over the 4 test devices
+    assert out["member_bytes_per_s"] == round(32 * 8 / out["generation_s"])
+    assert out["bound_fraction"] == round(out["gemm_bound_s"] / out["generation_s"], 3)
+
+
+def test_auto_chunk():
+    from eggroll.recipes.egg import auto_chunk
+
+    assert [auto_chunk(n) for n in (1024, 96, 7, 130)] == [64, 48, 7, 26]

@@ -37,6 +37,7 @@ BENCHES = {
     "throughput": ("eggroll.bench.throughput", "population forward / update / generation vs batched inference and OpenES"),
     "scaling": ("eggroll.bench.scaling", "bytes sent per generation (two model sizes) and population-step scaling over 1, 2, 4 devices / 2 processes"),
     "egg-population": ("eggroll.bench.egg_population", "EGG held-out bits/byte and peak RSS vs population (fixed generations, chunk)"),
+    "egg-throughput": ("eggroll.bench.egg_throughput", "EGG member-bytes/s of one training generation vs the int8 GEMM bound"),
     "egg-signal": ("eggroll.bench.egg_signal", "EGG signal diagnostic: agreement of the weight changes of two runs differing only in noise seed"),
     "generate": ("eggroll.bench.generate", "LLM sampler: generation with per-member noise vs plain batched generation"),
     "rl": ("eggroll.bench.rl", "EGGROLL vs OpenES vs PPO on several RL envs: results table, curves, speed ratios"),

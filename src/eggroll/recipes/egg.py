@@ -82,7 +82,7 @@ class Config:
     noise_seed: int = _arg(-1, "seed of the perturbations alone (-1: from seed)")
     generations: int = _arg(1500, "generation budget")
     time_limit: float = _arg(0.0, "stop after this many wall-clock seconds (0: no limit)")
-    chunk: int = _arg(0, "members per vmap chunk on each device (0: all of them)")
+    chunk: int = _arg(0, "members per vmap chunk on each device (0: automatic, at most 64; results do not depend on it)")
     noise_reuse: int = _arg(1, "refresh the noise every k generations (0: never)")
     table_size: int = _arg(0, "int8 noise table entries (0: automatic)")
     eval_every: int = _arg(100, "evaluate held-out bits/byte every k generations")
@@ -225,6 +225,12 @@ def load_splits(cfg: Config):
     return load_corpus(cfg.dataset, cfg.cache_dir or None, max_bytes=cfg.max_bytes or None)
 
 
+def auto_chunk(local: int, most: int = 64) -> int:
+    """The largest divisor of the per-device population <= most (64 members: their activations
+    stay in cache; measured fastest on a 2-core CPU, docs/RESULTS.md)."""
+    return max(c for c in range(1, min(local, most) + 1) if local % c == 0)
+
+
 def level(cfg: Config, alpha: float, gen: int) -> float:
     return ist.alpha_at(alpha, cfg.alpha_decay, gen, cfg.generations, cfg.alpha_schedule)
 
@@ -248,7 +254,8 @@ def make_train(cfg: Config, splits=None) -> Train:
     table = ist.make_table(k_noise, nz.required_table_size(plan, cfg.table_size or None, n_pairs))
     var = ist.table_variance(table)
     vshift = cfg.sigma_shift if cfg.vector_sigma_shift < 0 else cfg.vector_sigma_shift
-    spec = StepSpec(cfg.population, cfg.group_size, cfg.chunk, cfg.sigma_shift, vshift, cfg.fitness, var,
+    spec = StepSpec(cfg.population, cfg.group_size, cfg.chunk or auto_chunk(cfg.population // jax.device_count()),
+                    cfg.sigma_shift, vshift, cfg.fitness, var,
                     cfg.update_stat, cfg.momentum_bits, egg.Arch(cfg.gru_shift))
 
     def step(ts, tokens, gen, z16):
