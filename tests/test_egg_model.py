@@ -356,3 +356,18 @@ def test_vector_sigma_shift_is_separate(setup):
     noise = ist.member_noise(plan, key, table, 0, 3, SIGMA_SHIFT, vector_sigma_shift=SIGMA_SHIFT + 3)
     assert noise["layers"][0]["bf"].shift == SIGMA_SHIFT + 3
     assert noise["layers"][0]["wf"].shift == ist.lowrank_shift(SIGMA_SHIFT, plan.rank)
+
+
+def test_model_without_mlp_blocks(setup):
+    key, params, _, _ = setup
+    p0 = egg.init_egg(jax.random.PRNGKey(3), 1, 16, mlp_mult=0)
+    assert "w1" not in p0["layers"][0] and egg.shape_of(p0).mlp_hidden == 0
+    np.testing.assert_array_equal(np.asarray(p0["layers"][0]["wf"]), np.asarray(params["layers"][0]["wf"]))
+    plan = ist.make_plan(p0, rank=1)
+    table = ist.make_table(key, nz.required_table_size(plan, None, 4))
+    tokens = jnp.asarray(RNG.integers(0, 256, 12), jnp.int32)
+    noise = ist.member_noise(plan, key, table, 0, 1, SIGMA_SHIFT)
+    ref, got = egg.sequence_logprob(p0, egg.init_hidden(p0), tokens, noise), egg.window_logprob(p0, egg.init_hidden(p0), tokens, noise)
+    np.testing.assert_array_equal(np.asarray(ref[2]), np.asarray(got[2]))
+    with pytest.raises(ValueError, match="mlp_mult"):
+        egg.init_egg(key, 1, 16, mlp_mult=-1)

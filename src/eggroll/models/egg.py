@@ -44,11 +44,13 @@ MLP_MULT = 4
 class EggShape(NamedTuple):
     layers: int
     width: int
+    mlp_hidden: int = MLP_MULT  # the MLP's hidden width (0: no MLP blocks)
 
     @property
     def shifts(self) -> dict:
         d = self.width
-        return {"gru": i8.matmul_shift(2 * d), "d": i8.matmul_shift(d), "4d": i8.matmul_shift(MLP_MULT * d)}
+        return {"gru": i8.matmul_shift(2 * d), "d": i8.matmul_shift(d),
+                "4d": i8.matmul_shift(self.mlp_hidden) if self.mlp_hidden else 0}
 
 
 def _weights(key, shape):
@@ -74,18 +76,21 @@ class Arch(NamedTuple):
 DEFAULT_ARCH = Arch()
 
 
-def init_egg(key, layers: int, width: int, residual_init: str = "normal") -> dict:
+def init_egg(key, layers: int, width: int, residual_init: str = "normal", mlp_mult: int = MLP_MULT) -> dict:
     """Parameters: dict of int8 arrays. Weights round(16 N(0, 1)), gains 16 (1.0), biases 0.
 
     residual_init "zero" starts the MLP's output matrix w2 at zero, so each MLP branch adds
     nothing to the residual stream until evolution grows it (not in the paper's description;
-    see docs/RESULTS.md for its effect)."""
+    see docs/RESULTS.md for its effect). mlp_mult: the MLP's hidden width is mlp_mult * width;
+    0 leaves the MLP blocks out (layers of GRU alone; the other weights are unchanged)."""
+    if mlp_mult < 0:
+        raise ValueError(f"mlp_mult must be >= 0, got {mlp_mult}")
     if residual_init not in RESIDUAL_INITS:
         raise ValueError(f"residual_init must be one of {RESIDUAL_INITS}, got {residual_init!r}")
     if layers < 1 or width < 1:
         raise ValueError(f"EGG needs layers >= 1 and width >= 1, got layers={layers}, width={width}")
-    if MLP_MULT * width > i8.MAX_FAN_IN:
-        raise ValueError(f"width {width} too large: MLP fan-in {MLP_MULT * width} > {i8.MAX_FAN_IN}")
+    if max(mlp_mult, 2) * width > i8.MAX_FAN_IN:
+        raise ValueError(f"width {width} too large: fan-in {max(mlp_mult, 2) * width} > {i8.MAX_FAN_IN}")
     d = width
     keys = jax.random.split(key, 2 + layers)
     def gain():
@@ -97,20 +102,21 @@ def init_egg(key, layers: int, width: int, residual_init: str = "normal") -> dic
     params = {"embed": _weights(keys[0], (VOCAB, d)), "layers": []}
     for l in range(layers):
         k = jax.random.split(keys[2 + l], 6)
-        params["layers"].append({
-            "ln1": gain(), "wf": _weights(k[0], (d, d)), "uf": _weights(k[1], (d, d)), "bf": zero(),
-            "wh": _weights(k[2], (d, d)), "uh": _weights(k[3], (d, d)), "bh": zero(),
-            "ln2": gain(), "w1": _weights(k[4], (MLP_MULT * d, d)), "w2": _weights(k[5], (d, MLP_MULT * d)),
-        })
-        if residual_init == "zero":
-            params["layers"][-1]["w2"] = jnp.zeros((d, MLP_MULT * d), jnp.int8)
+        layer = {"ln1": gain(), "wf": _weights(k[0], (d, d)), "uf": _weights(k[1], (d, d)), "bf": zero(),
+                 "wh": _weights(k[2], (d, d)), "uh": _weights(k[3], (d, d)), "bh": zero()}
+        if mlp_mult:
+            w2 = _weights(k[5], (d, mlp_mult * d)) if residual_init == "normal" else jnp.zeros((d, mlp_mult * d), jnp.int8)
+            layer.update(ln2=gain(), w1=_weights(k[4], (mlp_mult * d, d)), w2=w2)
+        params["layers"].append(layer)
     params["ln_out"] = gain()
     params["head"] = _weights(keys[1], (VOCAB, d))
     return params
 
 
 def shape_of(params) -> EggShape:
-    return EggShape(len(params["layers"]), int(params["embed"].shape[1]))
+    first = params["layers"][0]
+    return EggShape(len(params["layers"]), int(params["embed"].shape[1]),
+                    int(first["w1"].shape[0]) if "w1" in first else 0)
 
 
 def _nz(noise, *path):
@@ -212,8 +218,9 @@ def window_logits(params, h, inputs, noise=None, arch: Arch = DEFAULT_ARCH):
         hl, hs = _gru_window(p, u, h[l], reset, ln, shifts, arch)
         new_h.append(hl)
         x = i8.sat(x.astype(jnp.int32) + hs)
-        u = i8.norm(x, ist.vector(p["ln2"], _nz(ln, "ln2")))
-        x = i8.sat(x.astype(jnp.int32) + mlp(p, u, ln, shifts))
+        if "w1" in p:  # mlp_mult > 0
+            u = i8.norm(x, ist.vector(p["ln2"], _nz(ln, "ln2")))
+            x = i8.sat(x.astype(jnp.int32) + mlp(p, u, ln, shifts))
     x = i8.norm(x, ist.vector(params["ln_out"], _nz(noise, "ln_out")))
     logits = i8.sat(i8.shift_round(_lin(params["head"], x, _nz(noise, "head")), shifts["d"]))
     return logits, jnp.stack(new_h)

@@ -44,7 +44,7 @@ from ..population import evaluate_population
 from ..runlog import RunLog
 from ..cli import flag
 
-TRAJECTORY_FIELDS = ("population", "layers", "width", "residual_init", "gru_shift", "rank", "sigma_shift",
+TRAJECTORY_FIELDS = ("population", "layers", "width", "mlp_mult", "residual_init", "gru_shift", "rank", "sigma_shift",
                      "vector_sigma_shift", "alpha", "alpha_decay", "alpha_schedule", "vector_alpha", "update_stat",
                      "momentum_bits", "fitness", "tokens_per_update", "group_size", "dataset", "max_bytes", "seed",
                      "noise_seed", "generations", "noise_reuse", "table_size")
@@ -60,6 +60,7 @@ class Config:
     layers: int = _arg(1, "number of GRU+MLP layers")
     width: int = _arg(64, "model width d (MLP hidden 4d)")
     residual_init: str = _arg("normal", "MLP output weights: normal (round(16 N(0,1))) or zero", egg.RESIDUAL_INITS)
+    mlp_mult: int = _arg(4, "MLP hidden width = mlp_mult x width (0: GRU layers without MLP blocks)")
     gru_shift: str = _arg("joint", "GRU rescaling: joint (W u + U h shifted once) or split (each by its fan-in)",
                           egg.GRU_SHIFTS)
     rank: int = _arg(1, "rank r of the integer low-rank perturbations")
@@ -98,7 +99,7 @@ class Config:
 # The paper's recipe (official nano-egg defaults, as we read the paper): 6 x 256, 100 bytes per
 # update, one shift for W u + U h, alpha decaying exponentially, no momentum, A B^T statistic.
 PRESETS = {
-    "paper": {"layers": 6, "width": 256, "tokens_per_update": 100, "group_size": 2, "sigma_shift": 4,
+    "paper": {"layers": 6, "width": 256, "mlp_mult": 4, "tokens_per_update": 100, "group_size": 2, "sigma_shift": 4,
               "gru_shift": "joint", "residual_init": "normal", "alpha": 1.0, "alpha_decay": 6.0,
               "alpha_schedule": "exp", "update_stat": "ab", "momentum_bits": 0, "vector_sigma_shift": -1,
               "vector_alpha": 0.0, "fitness": "norm", "noise_reuse": 1},
@@ -121,9 +122,12 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ValueError(f"egg config: {msg}")
 
-    need(cfg.residual_init in egg.RESIDUAL_INITS,
-         f"residual_init must be one of {egg.RESIDUAL_INITS}, got {cfg.residual_init!r}")
-    need(cfg.layers >= 1 and cfg.width >= 1, f"layers and width must be >= 1, got {cfg.layers}, {cfg.width}")
+    for name, choices in (("residual_init", egg.RESIDUAL_INITS), ("gru_shift", egg.GRU_SHIFTS),
+                          ("alpha_schedule", ist.ALPHA_SCHEDULES), ("update_stat", ist.STATISTICS),
+                          ("fitness", ist.FITNESS_MODES)):
+        need(getattr(cfg, name) in choices, f"{name} must be one of {choices}, got {getattr(cfg, name)!r}")
+    need(cfg.layers >= 1 and cfg.width >= 1 and cfg.mlp_mult >= 0,
+         f"layers and width must be >= 1 and mlp_mult >= 0, got {cfg.layers}, {cfg.width}, {cfg.mlp_mult}")
     need(cfg.group_size >= 2 and cfg.group_size % 2 == 0,
          f"group_size must be even and >= 2 (antithetic pairs share data), got {cfg.group_size}")
     need(cfg.population >= 2 and cfg.population % cfg.group_size == 0,
@@ -137,7 +141,6 @@ def validate(cfg: Config) -> Config:
     need(0 <= cfg.sigma_shift <= 12, f"sigma_shift must be in [0, 12], got {cfg.sigma_shift}")
     need(0 < cfg.alpha <= 1, f"alpha must be in (0, 1], got {cfg.alpha}")
     need(cfg.alpha_decay >= 0, f"alpha_decay must be >= 0, got {cfg.alpha_decay}")
-    need(cfg.fitness in ist.FITNESS_MODES, f"fitness must be one of {ist.FITNESS_MODES}, got {cfg.fitness!r}")
     need(cfg.tokens_per_update >= 1, f"tokens_per_update must be >= 1, got {cfg.tokens_per_update}")
     # |fitness| <= tokens * 24 bits * 16 per member; the update's sum f^2 r must stay < 2^23
     need(cfg.population // 2 * ist.NORM_FITNESS_MAX ** 2 * cfg.rank < (1 << 23),
@@ -146,10 +149,6 @@ def validate(cfg: Config) -> Config:
          "generations >= 0, eval_every >= 1 and checkpoint_every >= 0 required")
     need(cfg.eval_streams >= 1 and cfg.eval_bytes >= 1 and cfg.final_eval_bytes >= 0,
          "eval_streams >= 1, eval_bytes >= 1 and final_eval_bytes >= 0 required")
-    need(cfg.gru_shift in egg.GRU_SHIFTS, f"gru_shift must be one of {egg.GRU_SHIFTS}, got {cfg.gru_shift!r}")
-    need(cfg.alpha_schedule in ist.ALPHA_SCHEDULES,
-         f"alpha_schedule must be one of {ist.ALPHA_SCHEDULES}, got {cfg.alpha_schedule!r}")
-    need(cfg.update_stat in ist.STATISTICS, f"update_stat must be one of {ist.STATISTICS}, got {cfg.update_stat!r}")
     need(0 <= cfg.vector_alpha <= 1, f"vector_alpha must be in [0, 1] (0: alpha), got {cfg.vector_alpha}")
     need(cfg.vector_sigma_shift == -1 or 0 <= cfg.vector_sigma_shift <= 12,
          f"vector_sigma_shift must be -1 (same as sigma_shift) or in [0, 12], got {cfg.vector_sigma_shift}")
@@ -248,7 +247,7 @@ def make_train(cfg: Config, splits=None) -> Train:
     if cfg.noise_seed >= 0:
         k_noise = jax.random.fold_in(jax.random.PRNGKey(cfg.noise_seed), 0x5EED)
     k_noise = jax.random.key_data(k_noise) if jnp.issubdtype(k_noise.dtype, jax.dtypes.prng_key) else k_noise
-    params0 = egg.init_egg(k_params, cfg.layers, cfg.width, cfg.residual_init)
+    params0 = egg.init_egg(k_params, cfg.layers, cfg.width, cfg.residual_init, cfg.mlp_mult)
     plan = ist.make_plan(params0, cfg.rank, cfg.noise_reuse)
     n_pairs, n_streams = cfg.population // 2, cfg.population // cfg.group_size
     table = ist.make_table(k_noise, nz.required_table_size(plan, cfg.table_size or None, n_pairs))

@@ -42,7 +42,7 @@ def load_model(path) -> tuple[dict, dict]:
     cfg = meta.get("config", {})
     if "width" not in cfg or "layers" not in cfg:
         raise ValueError(f"{ckpt} is not an EGG checkpoint (its config has no layers/width)")
-    params = egg.init_egg(jax.random.PRNGKey(0), cfg["layers"], cfg["width"])
+    params = egg.init_egg(jax.random.PRNGKey(0), cfg["layers"], cfg["width"], mlp_mult=cfg.get("mlp_mult", egg.MLP_MULT))
     hidden = jnp.zeros((cfg["population"], cfg["layers"], cfg["width"]), jnp.int8)
     template = {"params": params, "hidden": hidden}
     if cfg.get("momentum_bits"):  # the integer momentum is saved beside the params
