@@ -13,7 +13,9 @@ from eggroll.runlog import read_metrics
 from eggroll.tasks.text import ByteSplits
 
 TINY = {"population": 32, "layers": 1, "width": 16, "tokens_per_update": 16, "group_size": 4, "eval_streams": 8,
-        "eval_bytes": 256, "sigma_shift": 3, "alpha": 0.3, "alpha_decay": 0.0, "progress": False}
+        "eval_bytes": 256, "sigma_shift": 3, "alpha": 0.3, "alpha_decay": 0.0, "progress": False,
+        # pinned (the recipe's defaults are tuned for the full-size corpus, not for 16 generations)
+        "vector_sigma_shift": -1, "vector_alpha": 0.0, "residual_init": "normal", "mlp_mult": 4}
 
 
 def _tiny_corpus() -> ByteSplits:
@@ -164,6 +166,19 @@ def test_presets_fill_defaults_and_explicit_flags_win():
     assert recipe.resolve(recipe.Config()) == recipe.Config()
     with pytest.raises(ValueError, match="preset"):
         recipe.resolve(recipe.Config(preset="nope"))
+
+
+def test_cli_preset_values_are_defaults_and_explicit_flags_win():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli.add_dataclass_flags(parser, recipe.Config)
+    argv = ["--preset", "round1", "--alpha-schedule", "hyperbolic", "--width", "32"]
+    cfg = cli.parse_config(parser, recipe.Config, argv, recipe.PRESETS)
+    # alpha_schedule=hyperbolic equals the Config default, yet as an explicit flag it beats round1's "exp"
+    assert (cfg.population, cfg.tokens_per_update, cfg.mlp_mult) == (1024, 64, 4)
+    assert (cfg.alpha_schedule, cfg.width, cfg.preset) == ("hyperbolic", 32, "")
+    assert recipe.resolve(cfg) == cfg
 
 
 def test_population_bench_parses_populations():

@@ -83,6 +83,19 @@ def parse_into(cls, ns) -> object:
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
+def parse_config(parser: argparse.ArgumentParser, cls, argv, presets: dict | None = None):
+    """Parse argv into a `cls` Config. With `presets` (a module's PRESETS) and --preset NAME, the
+    preset's values become the defaults and the flags given explicitly win; the Config returned
+    has the preset applied (its preset field cleared)."""
+    ns = parser.parse_args(argv)
+    name = getattr(ns, "preset", "")
+    if presets and name:
+        parser.set_defaults(**presets[name])
+        ns = parser.parse_args(argv)
+        ns.preset = ""
+    return parse_into(cls, ns)
+
+
 def _distributed_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("several processes (jax.distributed; docs/DISTRIBUTED.md)")
     g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (env EGGROLL_COORDINATOR)")
@@ -150,11 +163,11 @@ def main(argv=None) -> int:
     own = argparse.ArgumentParser(prog=f"eggroll {label}",
                                   description=(mod.__doc__ or "").strip().splitlines()[0])
     add_dataclass_flags(own, mod.Config)
-    ns = own.parse_args(rest)
+    cfg = parse_config(own, mod.Config, rest, getattr(mod, "PRESETS", None))
     try:
         with distributed.exit_on_peer_failure(f"eggroll {label}"):
             try:
-                result = mod.run(parse_into(mod.Config, ns))
+                result = mod.run(cfg)
             except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as e:
                 # bad flags / config: one clear line, not a traceback
                 print(f"eggroll {label}: error: {e}", file=sys.stderr)

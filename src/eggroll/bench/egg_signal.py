@@ -37,16 +37,16 @@ def recipe_config(flags: str, **fixed):
     """An egg recipe Config from a command-line flag string (the `eggroll train egg` flags)."""
     import argparse
 
-    from ..cli import add_dataclass_flags, parse_into
+    from ..cli import add_dataclass_flags, parse_config
     from ..recipes import egg
 
     parser = argparse.ArgumentParser(prog="eggroll train egg", exit_on_error=False)
     add_dataclass_flags(parser, egg.Config)
     try:
-        ns = parser.parse_args(shlex.split(flags))
+        cfg = parse_config(parser, egg.Config, shlex.split(flags), egg.PRESETS)
     except (argparse.ArgumentError, SystemExit) as e:
         raise ValueError(f"--flags {flags!r}: not valid `eggroll train egg` flags ({e})") from None
-    return dataclasses.replace(parse_into(egg.Config, ns), **fixed)
+    return dataclasses.replace(cfg, **fixed)
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:

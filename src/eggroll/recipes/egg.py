@@ -55,43 +55,44 @@ _arg = flag  # Config field -> CLI flag (eggroll.cli.flag)
 
 @dataclass
 class Config:
-    preset: str = _arg("", "start from a named recipe (paper: the paper's); explicit flags override it")
-    population: int = _arg(1024, "population size (a multiple of group_size and of the device count)")
+    preset: str = _arg("", "start from a named recipe (paper: the paper's; round1: the first CPU defaults); "
+                       "explicit flags override it", ("", "paper", "round1"))
+    population: int = _arg(2048, "population size (a multiple of group_size and of the device count)")
     layers: int = _arg(1, "number of GRU+MLP layers")
     width: int = _arg(64, "model width d (MLP hidden 4d)")
-    residual_init: str = _arg("normal", "MLP output weights: normal (round(16 N(0,1))) or zero", egg.RESIDUAL_INITS)
+    residual_init: str = _arg("zero", "MLP output weights: normal (round(16 N(0,1))) or zero", egg.RESIDUAL_INITS)
     mlp_mult: int = _arg(4, "MLP hidden width = mlp_mult x width (0: GRU layers without MLP blocks)")
     gru_shift: str = _arg("joint", "GRU rescaling: joint (W u + U h shifted once) or split (each by its fan-in)",
                           egg.GRU_SHIFTS)
     rank: int = _arg(1, "rank r of the integer low-rank perturbations")
     sigma_shift: int = _arg(4, "noise scale sigma = 2^-sigma_shift")
-    vector_sigma_shift: int = _arg(-1, "noise scale of vectors (biases, gains): 2^-shift (-1: sigma_shift)")
+    vector_sigma_shift: int = _arg(6, "noise scale of vectors (biases, gains): 2^-shift (-1: sigma_shift)")
     alpha: float = _arg(1.0, "z-test level of the update at generation 0 (1: every nonzero Z moves)")
-    alpha_decay: float = _arg(6.0, "alpha falls to alpha * 2^-alpha_decay by the last generation (0: constant)")
-    alpha_schedule: str = _arg("exp", "shape of the alpha decay: exp or hyperbolic", ist.ALPHA_SCHEDULES)
-    vector_alpha: float = _arg(0.0, "z-test level of vectors at generation 0, same decay (0: alpha)")
+    alpha_decay: float = _arg(4.2, "alpha falls to alpha * 2^-alpha_decay by the last generation (0: constant)")
+    alpha_schedule: str = _arg("hyperbolic", "shape of the alpha decay: exp or hyperbolic", ist.ALPHA_SCHEDULES)
+    vector_alpha: float = _arg(0.1, "z-test level of vectors at generation 0, same decay (0: alpha)")
     update_stat: str = _arg("ab", "update statistic: ab (sum f A B^T) or sign (sum f sign(A) sign(B)^T)",
                             ist.STATISTICS)
     momentum_bits: int = _arg(0, "integer momentum M = (1 - 2^-k) M + Z tested instead of Z (0: none)")
     fitness: str = _arg("norm", "pair fitness: sign(f+ - f-) or the normalised difference", ist.FITNESS_MODES)
-    tokens_per_update: int = _arg(64, "bytes each stream reads per generation")
+    tokens_per_update: int = _arg(32, "bytes each stream reads per generation")
     group_size: int = _arg(2, "members sharing one data stream (even: antithetic pairs share data)")
     dataset: str = _arg("stdlib", "corpus: stdlib, a text/JSONL file or directory, minipile, a HF dataset")
     cache_dir: str = _arg("", "corpus cache directory (empty: the default)")
     max_bytes: int = _arg(0, "cap on the corpus size in bytes (0: none)")
     seed: int = _arg(0, "random seed (initial weights; also the noise unless noise_seed is set)")
     noise_seed: int = _arg(-1, "seed of the perturbations alone (-1: from seed)")
-    generations: int = _arg(1500, "generation budget")
+    generations: int = _arg(11000, "generation budget")
     time_limit: float = _arg(0.0, "stop after this many wall-clock seconds (0: no limit)")
     chunk: int = _arg(0, "members per vmap chunk on each device (0: automatic, at most 64; results do not depend on it)")
     noise_reuse: int = _arg(1, "refresh the noise every k generations (0: never)")
     table_size: int = _arg(0, "int8 noise table entries (0: automatic)")
-    eval_every: int = _arg(100, "evaluate held-out bits/byte every k generations")
+    eval_every: int = _arg(250, "evaluate held-out bits/byte every k generations")
     eval_bytes: int = _arg(65536, "held-out bytes read by each periodic evaluation")
     final_eval_bytes: int = _arg(0, "held-out bytes read by the final evaluation (0: the whole valid split)")
     eval_streams: int = _arg(64, "parallel held-out streams per evaluation")
     run_dir: str = _arg("runs/egg", "run directory")
-    checkpoint_every: int = _arg(100, "checkpoint every k generations (0: only at the end)")
+    checkpoint_every: int = _arg(500, "checkpoint every k generations (0: only at the end)")
     resume: bool = _arg(False, "continue from the run directory's checkpoint, if there is one")
     progress: bool = _arg(True, "progress bar on stderr (shown only in a terminal)")
 
@@ -100,14 +101,20 @@ class Config:
 # update, one shift for W u + U h, alpha decaying exponentially, no momentum, A B^T statistic.
 PRESETS = {
     "paper": {"layers": 6, "width": 256, "mlp_mult": 4, "tokens_per_update": 100, "group_size": 2, "sigma_shift": 4,
+              "population": 1024,
               "gru_shift": "joint", "residual_init": "normal", "alpha": 1.0, "alpha_decay": 6.0,
               "alpha_schedule": "exp", "update_stat": "ab", "momentum_bits": 0, "vector_sigma_shift": -1,
               "vector_alpha": 0.0, "fitness": "norm", "noise_reuse": 1},
+    # the defaults of round 1 (commit 9811af4), the base of the lever study in docs/RESULTS.md
+    "round1": {"population": 1024, "layers": 1, "width": 64, "mlp_mult": 4, "tokens_per_update": 64,
+               "residual_init": "normal", "alpha_decay": 6.0, "alpha_schedule": "exp", "vector_sigma_shift": -1,
+               "vector_alpha": 0.0, "generations": 1500, "eval_every": 100, "checkpoint_every": 100},
 }
 
 
 def resolve(cfg: Config) -> Config:
-    """Apply cfg.preset: its values replace the fields left at their defaults (explicit flags win)."""
+    """Apply cfg.preset to a Config built in Python: its values replace the fields left at their
+    defaults. (The command line applies presets itself, so that explicit flags always win.)"""
     if not cfg.preset:
         return cfg
     if cfg.preset not in PRESETS:
@@ -205,7 +212,6 @@ class Train(NamedTuple):
     splits: Any  # tasks.text.ByteSplits
     plan: nz.NoisePlan
     table: jax.Array  # int8 noise table
-    var: int  # mean square of the noise-table entries
     init: Callable[[], TrainState]
     batch: Callable[[int], np.ndarray]  # generation -> (streams, T + 1) uint8
     z16: Callable[[int], tuple]  # generation -> (matrix, vector) round(16 z) of that generation's levels
@@ -216,12 +222,6 @@ class Train(NamedTuple):
     eval_windows: np.ndarray  # (eval_streams, n_windows, T + 1) uint8, periodic evaluation
     leaf_names: list  # tree_leaves order, for the per-leaf metrics
     leaf_sizes: list
-
-
-def load_splits(cfg: Config):
-    from ..tasks.text import load_corpus
-
-    return load_corpus(cfg.dataset, cfg.cache_dir or None, max_bytes=cfg.max_bytes or None)
 
 
 def auto_chunk(local: int, most: int = 64) -> int:
@@ -238,9 +238,10 @@ def make_train(cfg: Config, splits=None) -> Train:
     """The pieces of a run. `splits` (tasks.text.ByteSplits) overrides loading cfg.dataset."""
     cfg = validate(resolve(cfg))
     from ..tasks.heldout import heldout_windows
-    from ..tasks.text import stream_windows
+    from ..tasks.text import load_corpus, stream_windows
 
-    splits = load_splits(cfg) if splits is None else splits
+    if splits is None:
+        splits = load_corpus(cfg.dataset, cfg.cache_dir or None, max_bytes=cfg.max_bytes or None)
     if len(splits.train) < 2 or len(splits.valid) < 2:
         raise ValueError("the corpus needs at least 2 bytes in train and valid")
     k_params, k_noise = jax.random.split(jax.random.PRNGKey(cfg.seed))
@@ -278,7 +279,7 @@ def make_train(cfg: Config, splits=None) -> Train:
     flat = jax.tree_util.tree_flatten_with_path(params0)[0]
     names = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in flat]
     eval_windows = heldout_windows(np.asarray(splits.valid), cfg.eval_bytes, cfg.eval_streams)
-    return Train(cfg, splits, plan, table, var, init, batch, z16, step, spec, k_noise, evaluate, eval_windows,
+    return Train(cfg, splits, plan, table, init, batch, z16, step, spec, k_noise, evaluate, eval_windows,
                  names, [int(np.size(x)) for _, x in flat])
 
 
