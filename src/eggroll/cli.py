@@ -96,6 +96,21 @@ def parse_config(parser: argparse.ArgumentParser, cls, argv, presets: dict | Non
     return parse_into(cls, ns)
 
 
+def config_from_flags(mod, flags: str, **fixed):
+    """`mod.Config` from a flag string as `eggroll train/bench NAME` would parse it (presets
+    included), then `fixed` fields replaced; bad flags raise ValueError naming the string."""
+    import shlex
+
+    class Raising(argparse.ArgumentParser):  # argparse prints usage and exits; we want one line
+        def error(self, message):
+            raise ValueError(f"--flags {flags!r}: not valid flags for {mod.__name__}: {message}")
+
+    parser = Raising(prog=mod.__name__)
+    add_dataclass_flags(parser, mod.Config)
+    cfg = parse_config(parser, mod.Config, shlex.split(flags), getattr(mod, "PRESETS", None))
+    return dataclasses.replace(cfg, **fixed)
+
+
 def _distributed_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("several processes (jax.distributed; docs/DISTRIBUTED.md)")
     g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (env EGGROLL_COORDINATOR)")

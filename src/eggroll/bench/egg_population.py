@@ -63,7 +63,8 @@ def populations(spec: str) -> list[tuple[int, int]]:
 
 
 def run(cfg: Config) -> dict:
-    from .egg_signal import recipe_config
+    from ..cli import config_from_flags
+    from ..recipes import egg
 
     points = populations(cfg.populations)
     for p, _ in points:
@@ -74,7 +75,7 @@ def run(cfg: Config) -> dict:
         fixed = {"population": p, "generations": cfg.generations, "chunk": min(cfg.chunk, p),
                  "eval_every": cfg.generations, "checkpoint_every": 0, "progress": False, "resume": False,
                  "run_dir": str(Path(cfg.out_dir) / (f"pop{p}" + (f"x{g}" if g else "")))}
-        run_cfg = recipe_config(cfg.flags, **fixed, **({"group_size": g} if g else {}))
+        run_cfg = config_from_flags(egg, cfg.flags, **fixed, **({"group_size": g} if g else {}))
         proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(dataclasses.asdict(run_cfg))],
                               check=False, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -15,9 +15,7 @@ is one JSON object.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,19 +32,11 @@ class Config:
 
 
 def recipe_config(flags: str, **fixed):
-    """An egg recipe Config from a command-line flag string (the `eggroll train egg` flags)."""
-    import argparse
-
-    from ..cli import add_dataclass_flags, parse_config
+    """An egg recipe Config from a string of `eggroll train egg` flags (cli.config_from_flags)."""
+    from ..cli import config_from_flags
     from ..recipes import egg
 
-    parser = argparse.ArgumentParser(prog="eggroll train egg", exit_on_error=False)
-    add_dataclass_flags(parser, egg.Config)
-    try:
-        cfg = parse_config(parser, egg.Config, shlex.split(flags), egg.PRESETS)
-    except (argparse.ArgumentError, SystemExit) as e:
-        raise ValueError(f"--flags {flags!r}: not valid `eggroll train egg` flags ({e})") from None
-    return dataclasses.replace(cfg, **fixed)
+    return config_from_flags(egg, flags, **fixed)
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -77,13 +67,6 @@ def agreement(w0: dict, wa: dict, wb: dict, kinds: dict) -> dict:
     return {"pooled": out, "leaves": rows}
 
 
-def _flat(tree) -> dict:
-    import jax
-
-    return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): np.asarray(x)
-            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def run(cfg: Config) -> dict:
     from ..checkpoint import load_checkpoint
     from ..recipes import egg
@@ -97,6 +80,8 @@ def run(cfg: Config) -> dict:
         raise ValueError(f"noise_seeds must be two different seeds >= 0, got {cfg.noise_seeds!r}")
     if cfg.generations < 1:
         raise ValueError(f"generations must be >= 1, got {cfg.generations}")
+    import jax
+
     finals, moved, results = [], [], []
     for tag, seed in zip("AB", seeds):
         run_cfg = recipe_config(cfg.flags, noise_seed=seed, generations=cfg.generations, resume=False,
@@ -104,12 +89,12 @@ def run(cfg: Config) -> dict:
         results.append(egg.run(run_cfg))
         train = egg.make_train(run_cfg)
         tree, _ = load_checkpoint(Path(run_cfg.run_dir) / "checkpoint", train.init()._asdict())
-        finals.append(_flat(tree["params"]))
+        finals.append(dict(zip(train.leaf_names, map(np.asarray, jax.tree_util.tree_leaves(tree["params"])))))
         recs = read_metrics(run_cfg.run_dir)
         moved.append({k: float(np.mean([r[k] for r in recs if k in r])) for k in ("moved_frac_matrices", "moved_frac_vectors")})
         print(json.dumps({"run": tag, "noise_seed": seed, "valid_bits_per_byte": results[-1]["valid_bits_per_byte"]}),
               file=sys.stderr)
-    w0 = _flat(train.init().params)
+    w0 = dict(zip(train.leaf_names, map(np.asarray, jax.tree_util.tree_leaves(train.init().params))))
     kinds = {n: ("matrix" if x.ndim == 2 else "vector") for n, x in w0.items()}
     out = agreement(w0, finals[0], finals[1], kinds)
     return {"bench": "egg_signal", "generations": cfg.generations, "flags": cfg.flags, "noise_seeds": seeds,

@@ -46,9 +46,14 @@ def gemm_bound_s(params, rows: int, repeats: int) -> float:
     return min(_gemm_block_s(params, rows, min(rows, block), repeats) for block in (4096, 16384, rows))
 
 
+def matmul_weights(params) -> list:
+    """The weight matrices the forward multiplies by (the embedding is a lookup, not a matmul)."""
+    return [w for path, w in jax.tree_util.tree_flatten_with_path(params)[0]
+            if w.ndim == 2 and "embed" not in jax.tree_util.keystr(path)]
+
+
 def _gemm_block_s(params, rows: int, block: int, repeats: int) -> float:
-    mats = [w for path, w in jax.tree_util.tree_flatten_with_path(params)[0]
-            if w.ndim == 2 and "embed" not in jax.tree_util.keystr(path)]  # the embedding is a lookup
+    mats = matmul_weights(params)
     xs = [jnp.ones((block, w.shape[1]), jnp.int8) for w in mats]
     dims = (((1,), (1,)), ((), ()))
     gemms = jax.jit(lambda xs, ws: [lax.dot_general(x, w, dims, preferred_element_type=jnp.int32)
@@ -57,13 +62,13 @@ def _gemm_block_s(params, rows: int, block: int, repeats: int) -> float:
 
 
 def run(cfg: Config) -> dict:
+    from ..cli import config_from_flags
     from ..recipes import egg
-    from .egg_signal import recipe_config
 
     if cfg.repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {cfg.repeats}")
-    rc = egg.validate(egg.resolve(recipe_config(cfg.flags, progress=False)))
-    train = egg.make_train(rc)
+    train = egg.make_train(config_from_flags(egg, cfg.flags, progress=False))
+    rc = train.cfg
     state = {"s": train.init()}
     tokens, z16 = train.batch(0), train.z16(0)
 
@@ -74,8 +79,7 @@ def run(cfg: Config) -> dict:
     t_gen = _best(generation, cfg.repeats)
     member_bytes = rc.population * rc.tokens_per_update
     t_bound = gemm_bound_s(state["s"].params, member_bytes, cfg.repeats)
-    macs = sum(int(np.prod(w.shape)) for k, w in state["s"].params.items() if k == "head") + sum(
-        int(np.prod(w.shape)) for layer in state["s"].params["layers"] for w in layer.values() if w.ndim == 2)
+    macs = sum(int(np.prod(w.shape)) for w in matmul_weights(state["s"].params))
     return {"bench": "egg_throughput", "population": rc.population, "layers": rc.layers, "width": rc.width,
             "tokens_per_update": rc.tokens_per_update, "chunk": train.spec.chunk,
             "generation_s": round(t_gen, 5), "member_bytes_per_s": round(member_bytes / t_gen),

@@ -15,12 +15,14 @@ GRU (one gate, minGRU-like), for normed input u and previous state h:
     h~ = sat(W_h u + U_h g + b_h)
     h' = sat(h + (((f + 127) (h~ - h)) >> 8))        (h' between h and h~)
 
-The layer's output (added to the residual stream) is h'. MLP: d -> 4d -> d, no bias, no
-activation, each matmul shifted and saturated. Logits are int8 in 1/16-bit units
+The layer's output (added to the residual stream) is h'. MLP: d -> m d -> d (m = mlp_mult, 4 in
+the paper; 0 leaves the MLP out), no bias, no activation, each matmul shifted and saturated. Logits are int8 in 1/16-bit units
 (p_i ∝ 2^(l_i / 16)); `int8.log2_prob16` turns them into integer log-likelihoods.
 
-The model computes one byte of one sequence (`step`); `sequence_logprob` scans a sequence with
-the hidden state (L, d) int8 carried along; callers vmap over members / streams. The hidden
+`window_logits` / `window_logprob` compute a window of bytes of one sequence layer by layer, the
+hidden state (L, d) int8 carried along; `step` is a one-byte window and `sequence_logprob` scans
+it byte by byte (the reference the window form is tested against); callers vmap over members /
+streams. The hidden
 state is reset to zero whenever the *input* byte is 0 (the document separator), so each
 document is read from a fresh state. `noise` is a pytree of integer noise handles shaped like
 params (int8_strategy.member_noise) or None for the plain model.
@@ -44,13 +46,13 @@ MLP_MULT = 4
 class EggShape(NamedTuple):
     layers: int
     width: int
-    mlp_hidden: int = MLP_MULT  # the MLP's hidden width (0: no MLP blocks)
+    mlp_hidden: int  # the MLP's hidden width (0: no MLP blocks)
 
     @property
     def shifts(self) -> dict:
         d = self.width
         return {"gru": i8.matmul_shift(2 * d), "d": i8.matmul_shift(d),
-                "4d": i8.matmul_shift(self.mlp_hidden) if self.mlp_hidden else 0}
+                "mlp_hidden": i8.matmul_shift(self.mlp_hidden) if self.mlp_hidden else 0}
 
 
 def _weights(key, shape):
@@ -156,7 +158,7 @@ def gru(p, u, h, noise, shifts, arch: Arch = DEFAULT_ARCH):
 
 def mlp(p, u, noise, shifts):
     y = i8.sat(i8.shift_round(_lin(p["w1"], u, _nz(noise, "w1")), shifts["d"]))
-    return i8.sat(i8.shift_round(_lin(p["w2"], y, _nz(noise, "w2")), shifts["4d"]))
+    return i8.sat(i8.shift_round(_lin(p["w2"], y, _nz(noise, "w2")), shifts["mlp_hidden"]))
 
 
 def step(params, h, byte, noise=None, arch: Arch = DEFAULT_ARCH):
@@ -232,16 +234,6 @@ def window_logprob(params, h, tokens, noise=None, arch: Arch = DEFAULT_ARCH):
     logits, h = window_logits(params, h, tokens[:-1], noise, arch)
     lp = jax.vmap(i8.log2_prob16)(logits, tokens[1:])
     return h, jnp.sum(lp), lp
-
-
-def sequence_logits(params, h, tokens, noise=None, arch: Arch = DEFAULT_ARCH):
-    """Logits (T, 256) int8 for inputs tokens (T,), and the final hidden state (byte by byte:
-    the sampler's reference; `window_logits` is the fast equivalent)."""
-    def body(h, x):
-        h, logits = step(params, h, x, noise, arch)
-        return h, logits
-
-    return lax.scan(body, h, jnp.asarray(tokens, jnp.int32))
 
 
 def heldout_bits(params, windows, arch: Arch = DEFAULT_ARCH):

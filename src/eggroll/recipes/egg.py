@@ -321,9 +321,9 @@ def _restore(cfg: Config, ckpt_dir: Path, state: TrainState):
 
 def run(cfg: Config, splits=None) -> dict:
     """Train with logging and checkpoints; returns the final summary dict."""
-    cfg = validate(resolve(cfg))
     t0 = time.perf_counter()
-    run_dir, train = Path(cfg.run_dir), make_train(cfg, splits)
+    train = make_train(cfg, splits)  # resolves the preset and validates
+    cfg, run_dir = train.cfg, Path(train.cfg.run_dir)
     ckpt_dir = run_dir / "checkpoint"
     state, meta = _restore(cfg, ckpt_dir, train.init())
     start = int(meta.get("generation", 0))

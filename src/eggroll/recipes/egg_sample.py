@@ -58,7 +58,7 @@ def arch_of(meta: dict) -> egg.Arch:
 
 def generate(params, prompt: bytes, length: int, temperature: float, key, arch: egg.Arch = egg.DEFAULT_ARCH) -> bytes:
     """Continue `prompt` by `length` bytes (stops early at a 0 byte)."""
-    h, logits = egg.sequence_logits(params, egg.init_hidden(params), jnp.asarray([0, *prompt], jnp.int32), None, arch)
+    logits, h = egg.window_logits(params, egg.init_hidden(params), jnp.asarray([0, *prompt], jnp.int32), None, arch)
     last = logits[-1]
 
     @jax.jit
