@@ -44,20 +44,21 @@ def train(generations: int, sleep: float = 0.0, progress: Path | None = None):
     opt = optax.adam(0.05)
 
     @jax.jit
-    def generation(params, state, opt_state):
+    def generation(params, state, opt_state, ctx):
         def fitness(member):
-            return -jnp.mean((mlp(params, x, es.noise(state, member)) - y) ** 2)
+            return -jnp.mean((mlp(params, x, es.noise(ctx, state, member)) - y) ** 2)
 
         f = evaluate_population(fitness, es.population)
-        grad, state, metrics = es.tell(state, f)
+        grad, state, metrics = es.tell(ctx, state, f)
         updates, opt_state = opt.update(grad, opt_state, params)
         return optax.apply_updates(params, updates), state, opt_state, metrics
 
     params = init_mlp(key, (4, 8, 1))
-    state, opt_state = es.init(key, params), opt.init(params)
+    ctx = distributed.replicate(es.setup(key, params))
+    state, opt_state = es.init(ctx), opt.init(params)
     params, state, opt_state = distributed.replicate((params, state, opt_state))
     for g in range(generations):
-        params, state, opt_state, metrics = generation(params, state, opt_state)
+        params, state, opt_state, metrics = generation(params, state, opt_state, ctx)
         jax.device_get(metrics)  # one sync per generation
         if progress is not None and distributed.is_main_process():
             progress.write_text(str(g + 1))

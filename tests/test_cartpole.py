@@ -39,10 +39,13 @@ def test_learns_over_initial_policy(tmp_path, strategy):
 
 def test_episode_return_masks_steps_after_done():
     """An episode's return is its length: rewards after `done` (gymnax auto-resets) don't count."""
+    from eggroll.tasks import rl as rlt
+
     train = cp.make_train(cp.Config(**TINY))
     params = train.init().params
+    env = rlt.make_env(cp.ENV_NAME)
     key = jax.random.PRNGKey(3)
-    ret, length = jax.jit(lambda p, k: train.rollout(p, None, k))(params, key)
+    ret, length = jax.jit(lambda p, k: rlt.episode(env, rlt.mlp_apply(p), k))(params, key)
     assert 0 < int(length) < 500  # the untrained policy fails early ...
     assert float(ret) == int(length)  # ... and nothing after that is counted
 
@@ -142,3 +145,13 @@ def test_default_recipe_solves_cartpole(tmp_path):
     result = cp.run(cp.Config(run_dir=str(tmp_path), progress=False))
     assert result["final_return"] >= 475, result
     assert result["solved"] and result["wall_s"] < 120, result
+
+
+def test_step_never_returns_the_noise_table():
+    """The noise context is a jit argument: no output of a step is as large as the table."""
+    from eggroll import noise as nz
+
+    train = cp.make_train(cp.Config(**TINY))
+    state, metrics = train.step(train.init(), 0)
+    sizes = [np.size(x) for x in jax.tree_util.tree_leaves((state, metrics))]
+    assert sizes and max(sizes) < nz.DEFAULT_TABLE_SIZE

@@ -12,7 +12,8 @@ import pytest
 from eggroll.models import transformer as tfm
 from eggroll.recipes import countdown_mini as cm
 from eggroll.tasks.char_tokenizer import CharTokenizer
-from eggroll.tasks.finetune import es_finetuner, grpo_finetuner, llm_kinds
+from eggroll.baselines.grpo import grpo_finetuner
+from eggroll.tasks.finetune import es_finetuner, llm_kinds
 from eggroll.tasks.reasoning import custom_task
 
 TINY = tfm.TransformerConfig(vocab_size=CharTokenizer().vocab_size, hidden_size=16, num_layers=1, num_heads=2,

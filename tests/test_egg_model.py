@@ -2,7 +2,9 @@
 noise, separator reset, the integer update (zero fitness, planted signal, brute-force Z, z-test
 calibration)."""
 
+import functools
 import math
+from typing import NamedTuple
 from statistics import NormalDist
 
 import jax
@@ -10,14 +12,40 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from eggroll import int8 as i8
 from eggroll import int8_strategy as ist
 from eggroll import noise as nz
 from eggroll.models import egg
 
 RNG = np.random.default_rng(1)
 SIGMA_SHIFT = 2  # large perturbations so that differences show at int8 resolution
-# one compiled update per (plan, mode, var) for the whole module
-es_step = jax.jit(ist.es_step, static_argnums=0, static_argnames=("mode", "var", "chunk", "stat", "momentum_bits"))
+
+
+class Update(NamedTuple):
+    params: object
+    momentum: object
+    moved: object
+    moved_leaves: object
+    pair_fitness: object
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("mode", "var", "chunk", "stat", "momentum_bits"))
+def _tell(plan, key, table, generation, params, fitness, *, mode, z16, var, chunk=None, stat="ab", momentum=None,
+          momentum_bits=0, vector_z16=None):
+    """The public integer tell on a hand-made noise context (this module's own table, a constant
+    level z16), then int8.apply_steps."""
+    es = ist.int8_eggroll(fitness.shape[0], 2.0 ** -SIGMA_SHIFT, plan.rank, fitness=mode, stat=stat,
+                          momentum_bits=momentum_bits, update_chunk=chunk)
+    levels = jnp.stack([jnp.asarray(z16, jnp.int32), jnp.asarray(z16 if vector_z16 is None else vector_z16, jnp.int32)])
+    units = jnp.asarray([1 if stat == "sign" else var, round(math.sqrt(var))], jnp.int32)
+    ctx = nz.NoiseContext(key, table, plan, {"z16": levels[None], "units": units})
+    steps, state, m = es.tell(ctx, ist.IntESState(jnp.asarray(generation, jnp.int32), momentum), fitness)
+    return Update(i8.apply_steps(params, steps), state.momentum, m["moved"], m["moved_leaves"],
+                  ist.pair_fitness(fitness, mode))
+
+
+def es_step(plan, key, table, generation, params, fitness, **kw):
+    return _tell(plan, key, table, generation, params, fitness, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -52,26 +80,26 @@ def test_linear_acc_equals_materialised(setup):
     noise = ist.member_noise(plan, key, table, 0, 3, SIGMA_SHIFT)
     for name in ("wf", "uh", "w1", "w2"):
         w, n = params["layers"][0][name], noise["layers"][0][name]
-        assert isinstance(n, ist.IntLowRank) and n.a.dtype == jnp.int8
-        assert ist.pre_shift(w.shape[1], plan.rank) == 0
+        assert isinstance(n, i8.IntLowRank) and n.a.dtype == jnp.int8
+        assert i8.pre_shift(w.shape[1], plan.rank) == 0
         x = jnp.asarray(RNG.integers(-127, 128, w.shape[1]), jnp.int8)
-        np.testing.assert_array_equal(np.asarray(ist.linear_acc(w, x, n)), np.asarray(_mat_linear_acc(w, x, n)))
-        assert not np.array_equal(np.asarray(ist.linear_acc(w, x, n)), np.asarray(ist.linear_acc(w, x)))
+        np.testing.assert_array_equal(np.asarray(i8.linear_acc(w, x, n)), np.asarray(_mat_linear_acc(w, x, n)))
+        assert not np.array_equal(np.asarray(i8.linear_acc(w, x, n)), np.asarray(i8.linear_acc(w, x)))
 
 
 def test_large_fan_in_pre_shift_stays_close():
     n, m, r = 4096, 8, 2
-    assert ist.pre_shift(n, r) > 0
+    assert i8.pre_shift(n, r) > 0
     x = jnp.asarray(RNG.choice([-127, 127], n), jnp.int8)
     b = jnp.asarray(RNG.choice([-127, 127], (n, r)), jnp.int8)
     b = b * jnp.sign(x)[:, None].astype(jnp.int8)  # worst case: every product +16129
     a = jnp.asarray(RNG.choice([-127, 127], (m, r)), jnp.int8)
-    noise = ist.IntLowRank(a, b, jnp.int32(1), ist.lowrank_shift(0, r))
+    noise = i8.IntLowRank(a, b, jnp.int32(1), ist.lowrank_shift(0, r))
     w = jnp.zeros((m, n), jnp.int8)
-    got = np.asarray(ist.linear_acc(w, x, noise)).astype(np.int64)
+    got = np.asarray(i8.linear_acc(w, x, noise)).astype(np.int64)
     exact = (np.asarray(x, np.int64) @ np.asarray(b, np.int64) @ np.asarray(a, np.int64).T) / 2.0 ** noise.shift
     assert np.all(np.abs(got) < 2**31 - 1)
-    pre = ist.pre_shift(n, r)
+    pre = i8.pre_shift(n, r)
     # rounding x B to 2^pre costs at most 2^(pre-1) * sum_r |A| / 2^(shift-pre) + 1 per output
     assert np.all(np.abs(got - exact) <= 0.5 * 127 * r / 2.0 ** (noise.shift - pre) * 2 ** pre / 2 ** pre + 1)
 
@@ -83,8 +111,8 @@ def test_perturbed_model_equals_materialised_model(setup, monkeypatch):
     h0 = jnp.asarray(RNG.integers(-60, 60, (1, 16)), jnp.int8)
     h_fast, s_fast, lp_fast = egg.sequence_logprob(params, h0, tokens, noise)
     _, s_plain, _ = egg.sequence_logprob(params, h0, tokens, None)
-    monkeypatch.setattr(ist, "linear_acc", _mat_linear_acc)
-    monkeypatch.setattr(ist, "embed", _mat_embed)
+    monkeypatch.setattr(i8, "linear_acc", _mat_linear_acc)
+    monkeypatch.setattr(i8, "embed", _mat_embed)
     with jax.disable_jit():
         h_ref, s_ref, lp_ref = egg.sequence_logprob(params, h0, tokens, noise)
     np.testing.assert_array_equal(np.asarray(lp_fast), np.asarray(lp_ref))
@@ -140,8 +168,8 @@ def _factors(plan, key, table, gen, members):
     """Every member's raw noise (a, b) or eps per leaf, stacked over members (one jitted vmap)."""
     def one(m):
         tree = ist.member_noise(plan, key, table, gen, m, SIGMA_SHIFT)
-        leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda n: isinstance(n, (ist.IntLowRank, ist.IntFull)))
-        return [(n.a, n.b) if isinstance(n, ist.IntLowRank) else n.eps for n in leaves]
+        leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda n: isinstance(n, (i8.IntLowRank, i8.IntFull)))
+        return [(n.a, n.b) if isinstance(n, i8.IntLowRank) else n.eps for n in leaves]
 
     return jax.jit(jax.vmap(one))(jnp.asarray(members, jnp.int32))
 
@@ -183,11 +211,11 @@ def test_zero_fitness_moves_nothing(setup):
 def test_zero_statistic_never_moves_even_at_alpha_one():
     params = {"w": jnp.zeros((3, 3), jnp.int8)}
     z = {"w": jnp.asarray([[0, 5, -2], [0, 0, 1], [0, 0, 0]], jnp.int32)}
-    new, moved, per_leaf = ist.apply_update(params, z, jnp.int32(0))
+    steps, per_leaf = ist.steps_of([z["w"]], [jnp.int32(0)])
     assert [int(m) for m in per_leaf] == [3]
+    new = i8.apply_steps(params, {"w": steps[0]})
     np.testing.assert_array_equal(np.asarray(new["w"]), np.sign(np.asarray(z["w"])))
-    assert int(moved) == 3
-    sat = ist.apply_update({"w": jnp.full((1, 2), 127, jnp.int8)}, {"w": jnp.asarray([[9, -9]], jnp.int32)}, 0)[0]
+    sat = i8.apply_steps({"w": jnp.full((1, 2), 127, jnp.int8)}, {"w": jnp.asarray([[1, -1]], jnp.int8)})
     np.testing.assert_array_equal(np.asarray(sat["w"]), [[127, 126]])
 
 
@@ -339,7 +367,7 @@ def test_momentum_accumulates_and_its_null_rate_matches_alpha(setup):
     np.testing.assert_array_equal(np.asarray(got), [[100 - 13 + 1, -100 + 12 + 2, 7 - 1 - 3]])
     assert ist.momentum_scale16(0) == 16 and ist.momentum_scale16(3) == round(16 * math.sqrt(1 / (1 - (7 / 8) ** 2)))
     total = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
-    mom, rates, alpha, bits = ist.zero_momentum(params, plan), [], 0.1, 3
+    mom, rates, alpha, bits = ist.zero_momentum(plan), [], 0.1, 3
     r = np.random.default_rng(0)
     for gen in range(40):
         fitness = jnp.asarray(r.integers(-1000, 1000, 256), jnp.int32)

@@ -62,13 +62,14 @@ def _floating(jaxpr):
                                          "vector_sigma_shift": 5, "vector_alpha": 0.1}])
 def test_training_step_has_no_floats(corpus, levers):
     cfg = recipe.Config(**{**TINY, **levers}, run_dir="unused")
-    tr = recipe.make_train(cfg, corpus)
+    tr = recipe.build(cfg, corpus)
     ts = tr.init()
-    jaxpr = jax.make_jaxpr(recipe.generation, static_argnums=(0, 1))(
-        tr.spec, tr.plan, ts, jnp.asarray(tr.batch(0)), jnp.int32(0), tuple(map(jnp.int32, tr.z16(0))),
-        tr.k_noise, tr.table)
+    jaxpr = jax.make_jaxpr(recipe.generation, static_argnums=0)(tr.spec, ts, jnp.asarray(tr.batch(0)), tr.ctx)
     assert len(jaxpr.jaxpr.eqns) > 10
     assert _floating(jaxpr) == set()
+    # the noise context is an argument: no output of the step is as large as its table
+    out_sizes = [int(np.prod(v.aval.shape)) for v in jaxpr.jaxpr.outvars]
+    assert out_sizes and max(out_sizes) < tr.ctx.table.size
     # the detector does see floats (the held-out metric uses them)
     assert _floating(jax.make_jaxpr(recipe._heldout_bits, static_argnums=2)(
         ts.params, jnp.asarray(tr.eval_windows), tr.spec.arch))
@@ -137,7 +138,7 @@ def test_resume_after_interruption_is_exact(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(recipe, "make_train", real_make_train)
     out = recipe.run(recipe.Config(**cfg, run_dir=str(tmp_path / "b"), resume=True), corpus)
     assert out["generations"] == 6
-    template = real_make_train(recipe.Config(**cfg), corpus).init()._asdict()
+    template = recipe.build(recipe.Config(**cfg), corpus).init()
     (ta, ma), (tb, mb) = (load_checkpoint(tmp_path / d / "checkpoint", template) for d in "ab")
     assert ma["generation"] == mb["generation"] == 6
     for x, y in zip(jax.tree_util.tree_leaves(ta), jax.tree_util.tree_leaves(tb)):

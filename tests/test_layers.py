@@ -16,11 +16,12 @@ def test_linear_dense_embed_match_materialised(key, rank):
     params = {"w": jax.random.normal(k1, (7, 5)), "k": jax.random.normal(k2, (5, 7)),
               "emb": jax.random.normal(k3, (11, 5)), "b": jnp.ones(7)}
     es = eggroll.eggroll(6, sigma=0.2, rank=rank, table_size=1 << 16)
-    st = es.init(key, params)
+    ctx = es.setup(key, params)
+    st = es.init(ctx)
     x = jax.random.normal(k2, (3, 5))
     tokens = jnp.array([0, 3, 10, 3])
     for m in range(6):
-        n = es.noise(st, m)
+        n = es.noise(ctx, st, m)
         d = eggroll.materialize(n)
         np.testing.assert_allclose(layers.linear(params["w"], x, n["w"]), x @ (params["w"] + d["w"]).T, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(layers.dense(params["k"], x, n["k"]), x @ (params["k"] + d["k"]), rtol=1e-5, atol=1e-5)
@@ -40,13 +41,14 @@ def test_plain_when_no_noise(key):
 def test_population_forward_equals_materialised_mlp(key, rank):
     params = init_mlp(key, (6, 16, 16, 4))
     es = eggroll.eggroll(8, sigma=0.1, rank=rank, table_size=1 << 16)
-    st = es.init(key, params)
+    ctx = es.setup(key, params)
+    st = es.init(ctx)
     x = jax.random.normal(key, (8, 6))  # one input per member
 
-    fast = jax.jit(jax.vmap(lambda m, xi: mlp(params, xi, es.noise(st, m))))(jnp.arange(8), x)
+    fast = jax.jit(jax.vmap(lambda m, xi: mlp(params, xi, es.noise(ctx, st, m))))(jnp.arange(8), x)
 
     def slow(m, xi):
-        d = eggroll.materialize(es.noise(st, m))
+        d = eggroll.materialize(es.noise(ctx, st, m))
         return mlp(jax.tree_util.tree_map(jnp.add, params, d), xi)
 
     np.testing.assert_allclose(fast, jax.vmap(slow)(jnp.arange(8), x), rtol=1e-5, atol=1e-5)
@@ -57,12 +59,13 @@ def test_population_jaxpr_has_no_member_sized_matrix(key):
     m_, n_, N = 48, 40, 32
     params = {"layers": [{"w": jnp.zeros((m_, n_)), "b": jnp.zeros(m_)}, {"w": jnp.zeros((n_, m_)), "b": jnp.zeros(n_)}]}
     es = eggroll.eggroll(N, sigma=0.1, rank=2, table_size=1 << 16, update_chunk=8)
-    st = es.init(key, params)
+    ctx = es.setup(key, params)
+    st = es.init(ctx)
     x = jnp.ones((N, n_))
 
     def step(st, x):
-        f = eggroll.evaluate_population(lambda m: mlp(params, x[m], es.noise(st, m)).sum(), N, chunk=8, devices=jax.local_devices()[:1])
-        g, st, _ = es.tell(st, f)
+        f = eggroll.evaluate_population(lambda m: mlp(params, x[m], es.noise(ctx, st, m)).sum(), N, chunk=8, devices=jax.local_devices()[:1])
+        g, st, _ = es.tell(ctx, st, f)
         return g
 
     jaxpr = jax.make_jaxpr(step)(st, x)
@@ -86,7 +89,8 @@ def test_population_jaxpr_has_no_member_sized_matrix(key):
 
     # and the same check does catch the materialised (OpenES-style) forward
     oe = eggroll.open_es(N, sigma=0.1, table_size=1 << 16)
-    so = oe.init(key, params)
+    co = oe.setup(key, params)
+    so = oe.init(co)
     shapes.clear()
-    walk(jax.make_jaxpr(lambda: jax.vmap(lambda m: mlp(params, x[m], oe.noise(so, m)))(jnp.arange(N)))().jaxpr)
+    walk(jax.make_jaxpr(lambda: jax.vmap(lambda m: mlp(params, x[m], oe.noise(co, so, m)))(jnp.arange(N)))().jaxpr)
     assert any(len(s) >= 3 and s[-2:] == (m_, n_) for s in shapes)

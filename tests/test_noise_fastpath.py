@@ -38,16 +38,17 @@ def test_bases_are_roughly_uniform():
 @pytest.mark.parametrize("rank", [1, 3])
 def test_member_noise_equals_reference_draw(key, rank):
     es = eggroll.eggroll(8, rank=rank, table_size=1 << 12, noise_reuse=2)
-    st = es.init(key, params())
-    plan = st.plan
-    assert [tuple(k) for k in np.asarray(nz.leaf_keys(st.key, plan.leaves))] == \
-        [tuple(np.asarray(nz.leaf_key(st.key, leaf))) for leaf in plan.leaves]
+    ctx = es.setup(key, params())
+    st = es.init(ctx)
+    plan = ctx.plan
+    assert [tuple(k) for k in np.asarray(nz.leaf_keys(ctx.key, plan.leaves))] == \
+        [tuple(np.asarray(nz.leaf_key(ctx.key, leaf))) for leaf in plan.leaves]
     for gen in (0, 1, 5):
-        s = st.replace(generation=jnp.int32(gen))
+        s = st._replace(generation=jnp.int32(gen))
         for m in range(8):
-            handles = jax.tree_util.tree_leaves(es.noise(s, m), is_leaf=lambda h: isinstance(h, (nz.LowRank, nz.Full)))
+            handles = jax.tree_util.tree_leaves(es.noise(ctx, s, m), is_leaf=lambda h: isinstance(h, (nz.LowRank, nz.Full)))
             for leaf, h in zip(plan.leaves, handles):
-                v = nz.draw(s.table, nz.leaf_key(st.key, leaf), jnp.int32(gen // 2), jnp.int32(m // 2), plan.size(leaf))
+                v = nz.draw(ctx.table, nz.leaf_key(ctx.key, leaf), jnp.int32(gen // 2), jnp.int32(m // 2), plan.size(leaf))
                 if leaf.kind == nz.LOWRANK:
                     a, b = nz.split_factors(v, leaf.shape, rank)
                     np.testing.assert_array_equal(h.a, a)
@@ -58,6 +59,6 @@ def test_member_noise_equals_reference_draw(key, rank):
 
 def test_default_table_grows_with_population(key):
     p = {"w": jnp.zeros((64, 64))}
-    small = eggroll.eggroll(256).init(key, p).table.shape[0]
-    big = eggroll.eggroll(1 << 16).init(key, p).table.shape[0]
+    small = eggroll.eggroll(256).setup(key, p).table.shape[0]
+    big = eggroll.eggroll(1 << 16).setup(key, p).table.shape[0]
     assert small == nz.DEFAULT_TABLE_SIZE and big >= 256 * (1 << 15)

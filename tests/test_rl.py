@@ -28,15 +28,16 @@ def fitness_fn(cartpole):
     """Jitted population fitness of a tiny policy; shared by the tests below (one compile)."""
     es = make_eggroll(8, 0.5, 1)
     params = init_mlp(jax.random.PRNGKey(0), rl.policy_sizes(cartpole, (8,)))
-    state = es.init(jax.random.PRNGKey(1), params)
+    ctx = es.setup(jax.random.PRNGKey(1), params)
+    state = es.init(ctx)
 
     @jax.jit
     def f(key):
-        return rl.population_fitness(cartpole, es, state, params, key, episodes=2)
+        return rl.population_fitness(cartpole, es, ctx, state, params, key, episodes=2)
 
     @jax.jit
     def one(member, key):  # member alone, outside the population
-        ret, length = rl.member_episodes(cartpole, params, es.noise(state, member), jax.random.split(key, 2))
+        ret, length = rl.member_episodes(cartpole, params, es.noise(ctx, state, member), jax.random.split(key, 2))
         return ret.mean(), length.sum()
 
     return f, one
@@ -109,8 +110,9 @@ def test_members_independent(fitness_fn):
 def test_no_common_random_numbers_gives_members_their_own_episodes(cartpole):
     es = make_eggroll(4, 1e-6, 1)  # ~zero noise: differences come from the start states only
     params = init_mlp(jax.random.PRNGKey(0), rl.policy_sizes(cartpole, (8,)))
-    state = es.init(jax.random.PRNGKey(1), params)
-    f = jax.jit(lambda k, crn: rl.population_fitness(cartpole, es, state, params, k, common_random_numbers=crn),
+    ctx = es.setup(jax.random.PRNGKey(1), params)
+    state = es.init(ctx)
+    f = jax.jit(lambda k, crn: rl.population_fitness(cartpole, es, ctx, state, params, k, common_random_numbers=crn),
                 static_argnums=1)
     same = np.asarray(f(jax.random.PRNGKey(0), True)[1])
     diff = np.asarray(f(jax.random.PRNGKey(0), False)[1])

@@ -8,6 +8,7 @@ import pytest
 
 import eggroll
 from eggroll import sampling
+from eggroll import noise as nz
 from eggroll.models import transformer as tfm
 
 CFG = tfm.TransformerConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -35,7 +36,8 @@ SMALL = tfm.TransformerConfig(vocab_size=61, hidden_size=32, num_layers=1, num_h
 def small_es():
     params = tfm.init_params(jax.random.PRNGKey(5), SMALL, std=0.3)
     es = eggroll.eggroll(8, sigma=0.3, rank=2, table_size=1 << 16)
-    return params, es, es.init(jax.random.PRNGKey(4), params)
+    ctx = es.setup(jax.random.PRNGKey(4), params)
+    return params, es, ctx, es.init(ctx)
 
 
 @pytest.mark.parametrize("cfg", [CFG, LLAMA], ids=["qwen-like", "llama3-rope"])
@@ -74,11 +76,11 @@ def test_greedy_generation_equals_full_recomputation(model):
 
 
 def test_perturbed_generation_equals_materialised_member(small_es):
-    model, es, st = small_es
+    model, es, ctx, st = small_es
     members = np.array([0, 5, 3, -1], np.int32)  # -1: the unperturbed model in the same batch
-    gen = sampling.generate(model, SMALL, PROMPTS, LENS, max_new_tokens=NEW, noise_fn=es.noise, noise_args=st,
+    gen = sampling.generate(model, SMALL, PROMPTS, LENS, max_new_tokens=NEW, noise_fn=es.noise, noise_args=(ctx, st),
                             member_ids=members)
-    member_weights = jax.jit(lambda m: jax.tree_util.tree_map(jnp.add, model, eggroll.materialize(es.noise(st, m))))
+    member_weights = jax.jit(lambda m: jax.tree_util.tree_map(jnp.add, model, eggroll.materialize(es.noise(ctx, st, m))))
     differs = 0
     for b, m in enumerate(members):
         w = member_weights(m) if m >= 0 else model
@@ -88,29 +90,34 @@ def test_perturbed_generation_equals_materialised_member(small_es):
         differs += int((np.asarray(plain.tokens[0]) != np.asarray(gen.tokens[b])).any())
     assert differs >= 2, "noise at sigma 0.3 should change some members' greedy outputs"
     # grouped rows (rows_per_member=2: one set of factors per member) give the same tokens
-    # (and with the bucketed noise function, which draws same-shaped leaves together)
-    grouped = sampling.generate(model, SMALL, PROMPTS, LENS, max_new_tokens=NEW, noise_fn=sampling.bucketed_noise(es),
-                                noise_args=st, member_ids=np.array([5, 5, -1, -1], np.int32), rows_per_member=2)
+    grouped = sampling.generate(model, SMALL, PROMPTS, LENS, max_new_tokens=NEW, noise_fn=es.noise,
+                                noise_args=(ctx, st), member_ids=np.array([5, 5, -1, -1], np.int32), rows_per_member=2)
     for b, m in enumerate([5, 5, -1, -1]):
         w = member_weights(m) if m >= 0 else model
         ref = sampling.generate(w, SMALL, PROMPTS[b:b + 1], LENS[b:b + 1], max_new_tokens=NEW)
         np.testing.assert_array_equal(grouped.tokens[b], ref.tokens[0])
     with pytest.raises(ValueError, match="share one member"):
-        sampling.generate(model, SMALL, PROMPTS, LENS, max_new_tokens=NEW, noise_fn=es.noise, noise_args=st,
+        sampling.generate(model, SMALL, PROMPTS, LENS, max_new_tokens=NEW, noise_fn=es.noise, noise_args=(ctx, st),
                           member_ids=members, rows_per_member=2)
 
 
 @pytest.mark.parametrize("antithetic", [True, False])
-def test_bucketed_noise_equals_es_noise(antithetic):
+def test_bucketed_noise_equals_per_leaf_draws(antithetic):
+    """es.noise draws same-shaped leaves in one vmapped gather (noise.member_directions); every
+    leaf's factors equal its own unbucketed noise.direction_noise draw, bit for bit."""
     shapes = {"a": (6, 5), "b": (6, 5), "c": (5, 6), "v": (7,), "w": (7,), "s": (3, 2, 2)}
     params = {k: jnp.ones(v) for k, v in shapes.items()}
     es = eggroll.eggroll(8, sigma=0.3, rank=2, antithetic=antithetic, table_size=1 << 12)
-    st = es.init(jax.random.PRNGKey(2), params)
-    fast = sampling.bucketed_noise(es)
-    same = jax.jit(lambda m: jax.tree_util.tree_map(lambda x, y: (x == y).all(), es.noise(st, m), fast(st, m)))
+    ctx = es.setup(jax.random.PRNGKey(2), params)
+    st = es.init(ctx)
+    plan = ctx.plan
     for m in range(8):
-        eq = jax.tree_util.tree_leaves(same(m))
-        assert len(eq) == 3 * 3 + 3 * 2 and all(bool(e) for e in eq)
+        got = jax.tree_util.tree_leaves(es.noise(ctx, st, m), is_leaf=lambda n: isinstance(n, (nz.LowRank, nz.Full)))
+        pair, sign = nz.member_coords(plan, m)
+        for leaf, handle in zip(plan.leaves, got):
+            ref = nz.direction_noise(plan, ctx.table, nz.leaf_key(ctx.key, leaf), 0, pair, leaf)
+            for x, y in zip(jax.tree_util.tree_leaves(ref), list(handle)[:-1]):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_eos_stops_rows_and_pads(model):

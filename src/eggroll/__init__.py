@@ -3,10 +3,12 @@
 from . import layers, noise, shaping
 from .checkpoint import load_checkpoint, save_checkpoint
 from .layers import dense, embed, linear, param
-from .noise import FROZEN, FULL, LOWRANK, Full, LowRank, materialize
+from .noise import FROZEN, FULL, LOWRANK, Full, LowRank, NoiseContext, materialize
 from .population import evaluate_population, population_mesh
 from .shaping import antithetic_diff, antithetic_sign, centered_rank, group_z_score, raw, z_score
-from .strategy import ES, ESState, STRATEGIES, eggroll, open_es
+from .int8 import apply_steps
+from .int8_strategy import IntESState
+from .strategy import ES, ESState, STRATEGIES, eggroll, int8_eggroll, make_strategy, open_es
 
 __version__ = "0.1.0"
 
@@ -14,8 +16,9 @@ __all__ = [
     "layers", "noise", "shaping",
     "load_checkpoint", "save_checkpoint",
     "dense", "embed", "linear", "param",
-    "FROZEN", "FULL", "LOWRANK", "Full", "LowRank", "materialize",
+    "FROZEN", "FULL", "LOWRANK", "Full", "LowRank", "NoiseContext", "materialize",
     "evaluate_population", "population_mesh",
     "antithetic_diff", "antithetic_sign", "centered_rank", "group_z_score", "raw", "z_score",
-    "ES", "ESState", "STRATEGIES", "eggroll", "open_es",
+    "apply_steps", "IntESState",
+    "ES", "ESState", "STRATEGIES", "eggroll", "int8_eggroll", "make_strategy", "open_es",
 ]

@@ -8,19 +8,20 @@ the recipe runs; `--peer-timeout S` bounds how long a process waits for a dead p
 
 Recipes (RECIPES below), benchmarks (BENCHES) and stand-alone tools (TOOLS, e.g. `eggroll sample`)
 each expose a `Config` dataclass and `run(cfg) -> dict`; their flags are generated from the
-dataclass fields, so `eggroll train cartpole --help` lists them. The result dict is printed as
-one JSON object on the last line.
+dataclass fields (eggroll.config), so `eggroll train cartpole --help` lists them. The result
+dict is printed as one JSON object on the last line.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import os
 import sys
-import typing
+
+# the Config-field helpers live in eggroll.config; re-exported here for older imports
+from .config import add_dataclass_flags, config_from_flags, flag, parse_config, parse_into  # noqa: F401
 
 # name -> (module, one-line description). Modules are imported only when their command runs,
 # so a recipe's optional dependencies never break the others (or `eggroll --help`).
@@ -42,73 +43,11 @@ BENCHES = {
     "generate": ("eggroll.bench.generate", "LLM sampler: generation with per-member noise vs plain batched generation"),
     "rl": ("eggroll.bench.rl", "EGGROLL vs OpenES vs PPO on several RL envs: results table, curves, speed ratios"),
 }
-# Commands that follow the multi-process contract (docs/DISTRIBUTED.md: shard over every process,
-# replicate state, write and checkpoint on process 0). Others refuse a multi-process launch
-# rather than have every process write its own files.
-MULTI_PROCESS_READY = {"train cartpole"}
 TOOLS = {
     "sample": ("eggroll.recipes.egg_sample", "generate text from a trained EGG checkpoint"),
-    "corpus": ("eggroll.tasks.text", "convert a text corpus into the byte cache; print split sizes and n-gram bits/byte"),
+    "corpus": ("eggroll.corpus", "convert a text corpus into the byte cache; print split sizes and n-gram bits/byte"),
     "tune": ("eggroll.tune", "random search over the rl recipe's hyperparameters for any env (ES or PPO)"),
 }
-
-
-def flag(default, help: str, choices=None):
-    """A Config dataclass field that becomes a command-line flag: its help text and choices."""
-    meta = {"help": help}
-    if choices is not None:
-        meta["choices"] = list(choices)
-    return dataclasses.field(default=default, metadata=meta)
-
-
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        name = "--" + f.name.replace("_", "-")
-        typ = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        helptext = f.metadata.get("help", "")
-        if typ is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{helptext} (default: {default})")
-            continue
-        args = typing.get_args(typ)
-        base = next((a for a in args if a is not type(None)), str) if args else typ
-        choices = f.metadata.get("choices")
-        parser.add_argument(name, type=base, default=default, choices=choices,
-                            help=f"{helptext} (default: {default})")
-
-
-def parse_into(cls, ns) -> object:
-    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
-
-
-def parse_config(parser: argparse.ArgumentParser, cls, argv, presets: dict | None = None):
-    """Parse argv into a `cls` Config. With `presets` (a module's PRESETS) and --preset NAME, the
-    preset's values become the defaults and the flags given explicitly win; the Config returned
-    has the preset applied (its preset field cleared)."""
-    ns = parser.parse_args(argv)
-    name = getattr(ns, "preset", "")
-    if presets and name:
-        parser.set_defaults(**presets[name])
-        ns = parser.parse_args(argv)
-        ns.preset = ""
-    return parse_into(cls, ns)
-
-
-def config_from_flags(mod, flags: str, **fixed):
-    """`mod.Config` from a flag string as `eggroll train/bench NAME` would parse it (presets
-    included), then `fixed` fields replaced; bad flags raise ValueError naming the string."""
-    import shlex
-
-    class Raising(argparse.ArgumentParser):  # argparse prints usage and exits; we want one line
-        def error(self, message):
-            raise ValueError(f"--flags {flags!r}: not valid flags for {mod.__name__}: {message}")
-
-    parser = Raising(prog=mod.__name__)
-    add_dataclass_flags(parser, mod.Config)
-    cfg = parse_config(parser, mod.Config, shlex.split(flags), getattr(mod, "PRESETS", None))
-    return dataclasses.replace(cfg, **fixed)
 
 
 def _distributed_flags(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +59,15 @@ def _distributed_flags(parser: argparse.ArgumentParser) -> None:
                    help="seconds without a peer's heartbeat before giving up (default 30; env EGGROLL_PEER_TIMEOUT)")
 
 
+def _multi_process_ready(mod) -> bool:
+    """A command runs under several processes when the run harness drives it (its Config
+    inherits harness.RunConfig: process 0 writes, every process reads, global device counts) or
+    when the module says so itself (MULTI_PROCESS = True)."""
+    from .harness import RunConfig
+
+    return bool(getattr(mod, "MULTI_PROCESS", False)) or issubclass(getattr(mod, "Config", object), RunConfig)
+
+
 def _exit(code: int, multi: bool) -> int:
     if multi:  # never wait in jax's shutdown barrier for peers that may be stuck waiting for us
         from . import distributed
@@ -128,24 +76,29 @@ def _exit(code: int, multi: bool) -> int:
     return code
 
 
+def _command_parser() -> argparse.ArgumentParser:
+    """`eggroll COMMAND [NAME]`: the first stage, which picks the module (its flags come later)."""
+    parser = argparse.ArgumentParser(prog="eggroll", description="Evolution strategies with low-rank perturbations (EGGROLL) in JAX.")
+    _distributed_flags(parser)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command, table, helptext in (("train", RECIPES, "run a training recipe"),
+                                     ("bench", BENCHES, "run a benchmark (last line of output is JSON)")):
+        group = sub.add_parser(command, help=helptext).add_subparsers(dest="name", required=True)
+        for name, (_, desc) in table.items():
+            group.add_parser(name, help=desc, add_help=False)
+    for name, (_, desc) in TOOLS.items():
+        sub.add_parser(name, help=desc, add_help=False)
+    sub.add_parser("list", help="list recipes, benchmarks and tools")
+    return parser
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # the distributed flags may appear anywhere; take them out before the per-module parsing
     dist_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     _distributed_flags(dist_parser)
     dist, argv = dist_parser.parse_known_args(argv)
-    parser = argparse.ArgumentParser(prog="eggroll", description="Evolution strategies with low-rank perturbations (EGGROLL) in JAX.")
-    _distributed_flags(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
-    groups = {}
-    for command, table, helptext in (("train", RECIPES, "run a training recipe"),
-                                     ("bench", BENCHES, "run a benchmark (last line of output is JSON)")):
-        group = sub.add_parser(command, help=helptext).add_subparsers(dest="name", required=True)
-        groups[command] = {name: group.add_parser(name, help=desc, add_help=False) for name, (_, desc) in table.items()}
-    for name, (_, desc) in TOOLS.items():
-        sub.add_parser(name, help=desc, add_help=False)
-    sub.add_parser("list", help="list recipes, benchmarks and tools")
-    args, _ = parser.parse_known_args(argv)
+    args, _ = _command_parser().parse_known_args(argv)
     if args.command == "list":
         print(json.dumps({"recipes": sorted(RECIPES), "benches": sorted(BENCHES), "tools": sorted(TOOLS)}))
         return 0
@@ -166,15 +119,14 @@ def main(argv=None) -> int:
         print(f"eggroll: error: {e}", file=sys.stderr)
         return 2
     multi = launch.num_processes > 1
-    if multi and label not in MULTI_PROCESS_READY:
-        print(f"eggroll {label}: error: this command does not support multi-process runs yet "
-              f"(ready: {', '.join(sorted(MULTI_PROCESS_READY))}); run it as one process, without "
-              "--coordinator / --num-processes / --process-id (docs/DISTRIBUTED.md, 'The contract for a recipe')",
-              file=sys.stderr)
+    mod = importlib.import_module(modname)  # no module touches a device at import
+    if multi and not _multi_process_ready(mod):
+        print(f"eggroll {label}: error: this command does not support multi-process runs yet (recipes on the "
+              "run harness do, e.g. train cartpole and train egg); run it as one process, without --coordinator / "
+              "--num-processes / --process-id (docs/DISTRIBUTED.md, 'The contract for a recipe')", file=sys.stderr)
         return 2
     if multi and "-h" not in rest and "--help" not in rest:
         distributed.initialize(launch, peer_timeout=peer_timeout)  # before anything touches a device
-    mod = importlib.import_module(modname)
     own = argparse.ArgumentParser(prog=f"eggroll {label}",
                                   description=(mod.__doc__ or "").strip().splitlines()[0])
     add_dataclass_flags(own, mod.Config)

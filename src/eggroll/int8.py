@@ -20,12 +20,22 @@ Log-likelihood. Logits are int8 in units of 1/16 bit: p_i = 2^(l_i/16) / sum_j 2
 with EXP2[d] = round(2^16 * 2^(d/16)) for d in [-254, 0] and log2 of the (<= 2^24) sum from its
 leading-bit position plus a 2^LOG2_MANT_BITS-entry table of 16 * 256 * log2(1 + m / 2^bits). The
 quantisation error is documented and tested in `LOG2_PROB16_MAX_ERROR` (in 1/16-bit units).
+
+Perturbed ops (one example; vmap adds the population). A member's integer noise handle is
+IntLowRank (matrix: perturbation sign * A B^T / 2^shift in weight units, A (m, r), B (n, r)
+int8) or IntFull (vector: shift_round(sign * eps, shift)); integer EGGROLL (int8_strategy)
+makes them. `linear_acc` adds shift_round(sign * ((x B) A^T), shift) to the int32 accumulator
+of x W^T -- never building A B^T -- which equals shift_round(x (sign A B^T)^T, shift) exactly
+while |x B A^T| fits int32; beyond that fan-in x rank `pre_shift` rounds x B down first
+(documented approximation, tested). With noise=None every op is the plain integer model.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -143,3 +153,87 @@ def log2_prob_float(logits, target) -> jnp.ndarray:
     l = logits.astype(jnp.float32) * (math.log(2.0) / SCALE)  # natural-log logits
     lp = l - logsumexp(l, axis=-1, keepdims=True)
     return jnp.take_along_axis(lp, jnp.asarray(target)[..., None], -1)[..., 0] / math.log(2.0)
+
+
+# -- perturbed integer ops ------------------------------------------------------------------------
+class IntLowRank(NamedTuple):
+    """Perturbation sign * a @ b.T / 2^shift (weight units) of an int8 matrix (m, n)."""
+
+    a: jax.Array  # (m, r) int8
+    b: jax.Array  # (n, r) int8
+    sign: jax.Array  # int32 +-1
+    shift: int
+
+    def materialize(self) -> jax.Array:
+        """sign * A B^T as int32 (m, n), *before* the shift (reference / tests only)."""
+        return self.sign * matmul(self.a, self.b)
+
+
+class IntFull(NamedTuple):
+    """Perturbation shift_round(sign * eps, shift) of an int8 vector."""
+
+    eps: jax.Array  # int8, the parameter's shape
+    sign: jax.Array
+    shift: int
+
+
+def pre_shift(fan_in: int, rank: int) -> int:
+    """Bits to drop from x B before multiplying by A^T so that the product fits int32 (0 when
+    fan_in * (127 r + 1) * 16129 < 2^31: then the perturbation is exact)."""
+    s = 0
+    while (QMAX ** 2 * fan_in >> s) * (QMAX * rank) + QMAX ** 2 * fan_in > INT32_MAX:
+        s += 1
+    return s
+
+
+def linear_acc(w, x, noise=None) -> jax.Array:
+    """int32 accumulator of x (n,) int8 through w (m, n) int8, plus the member's perturbation."""
+    acc = matmul(x, w)
+    if noise is None:
+        return acc
+    if not isinstance(noise, IntLowRank):
+        raise TypeError(f"linear_acc: expected IntLowRank noise, got {type(noise).__name__}")
+    n, r = noise.b.shape
+    pre = pre_shift(n, r)
+    xb = shift_round(matmul(x, noise.b.T), pre)  # (r,) int32
+    p = lax.dot_general(xb, noise.a.astype(jnp.int32), (((xb.ndim - 1,), (1,)), ((), ())),
+                        preferred_element_type=jnp.int32)  # (m,)
+    return acc + shift_round(noise.sign * p, noise.shift - pre)
+
+
+def rows(x, idx):
+    """x[idx] for an integer index array of any shape, as (vmapped) dynamic slices: plain
+    indexing of a mesh-replicated array inside shard_map trips jax's sharding check."""
+    idx = jnp.asarray(idx)
+    take = lambda i: lax.dynamic_index_in_dim(x, i, keepdims=False)  # noqa: E731
+    for _ in range(idx.ndim):
+        take = jax.vmap(take)
+    return take(idx)
+
+
+def embed(table, token, noise=None) -> jax.Array:
+    """Row(s) `token` (any index shape) of an int8 table (vocab, d), perturbed rows
+    sign * A[t] B^T / 2^shift."""
+    row = rows(table, token)
+    if noise is None:
+        return row
+    p = matmul(rows(noise.a, token), noise.b)  # (..., d) int32, |.| <= 16129 r
+    return sat(row.astype(jnp.int32) + shift_round(noise.sign * p, noise.shift))
+
+
+def vector(v, noise=None) -> jax.Array:
+    """An int8 vector parameter (bias, norm gain) plus its full-rank integer perturbation."""
+    if noise is None:
+        return v
+    if not isinstance(noise, IntFull):
+        raise TypeError(f"vector: expected IntFull noise, got {type(noise).__name__}")
+    return sat(v.astype(jnp.int32) + shift_round(noise.sign * noise.eps.astype(jnp.int32), noise.shift))
+
+
+def apply_steps(params, steps):
+    """params + steps (a tree of int8 +-1 / 0 from integer EGGROLL's tell; None = frozen leaf),
+    saturating at +-127."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    moves = treedef.flatten_up_to(steps)
+    return jax.tree_util.tree_unflatten(treedef, [
+        w if d is None else sat(w.astype(jnp.int32) + d.astype(jnp.int32)) for w, d in zip(leaves, moves)])

@@ -1,4 +1,14 @@
-"""Integer EGGROLL: int8 low-rank noise, integer perturbed ops, and a z-tested ±1 update.
+"""Integer EGGROLL: int8 low-rank noise and a z-tested ±1 update, behind the strategy interface.
+
+    es = int8_eggroll(population=N, sigma=2**-4, rank=1, alpha=0.5)
+    ctx = es.setup(key, params)                     # int8 noise table, plan, threshold schedule
+    state = es.init(ctx)                            # generation counter (+ integer momentum)
+    noise = es.noise(ctx, state, member)            # int8.IntLowRank / IntFull handles
+    steps, state, metrics = es.tell(ctx, state, fitness)
+    params = int8.apply_steps(params, steps)        # saturating +-1 moves
+
+The perturbed integer ops (linear_acc, embed, vector) live in int8.py beside the other integer
+arithmetic.
 
 Everything that runs per generation is integer arithmetic; floats appear only when the noise
 table is built (once) and in host-side helpers (the z value of a significance level).
@@ -38,15 +48,18 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
-from typing import NamedTuple
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+
 
 from . import int8 as i8
 from . import noise as nz
+from .interface import ES
 
 FITNESS_MODES = ("sign", "norm")
 STATISTICS = ("ab", "sign")  # Z from A B^T, or from sign(A) sign(B)^T
@@ -55,38 +68,8 @@ MOMENTUM_CAP = 1 << 30  # |M| saturates here (int32 headroom)
 NORM_FITNESS_MAX = 8
 
 
-class IntLowRank(NamedTuple):
-    """Perturbation sign * a @ b.T / 2^shift (weight units) of an int8 matrix (m, n)."""
-
-    a: jax.Array  # (m, r) int8
-    b: jax.Array  # (n, r) int8
-    sign: jax.Array  # int32 ±1
-    shift: int
-
-    def materialize(self) -> jax.Array:
-        """sign * A B^T as int32 (m, n), *before* the shift (reference / tests only)."""
-        return self.sign * i8.matmul(self.a, self.b)
-
-
-class IntFull(NamedTuple):
-    """Perturbation shift_round(sign * eps, shift) of an int8 vector."""
-
-    eps: jax.Array  # int8, the parameter's shape
-    sign: jax.Array
-    shift: int
-
-
 def lowrank_shift(sigma_shift: int, rank: int) -> int:
     return i8.FRAC_BITS + int(sigma_shift) + round(math.log2(rank) / 2)
-
-
-def pre_shift(fan_in: int, rank: int) -> int:
-    """Bits to drop from x B before multiplying by A^T so that the product fits int32 (0 when
-    fan_in * (127 r + 1) * 16129 < 2^31: then the perturbation is exact)."""
-    s = 0
-    while (i8.QMAX ** 2 * fan_in >> s) * (i8.QMAX * rank) + i8.QMAX ** 2 * fan_in > i8.INT32_MAX:
-        s += 1
-    return s
 
 
 def make_plan(params, rank: int, noise_reuse: int = 1, kinds=None) -> nz.NoisePlan:
@@ -118,67 +101,21 @@ def member_coords(member):
 
 def member_noise(plan: nz.NoisePlan, key, table, generation, member, sigma_shift: int,
                  vector_sigma_shift: int | None = None):
-    """Integer noise handles (pytree shaped like params) for one member. Vectors use
-    vector_sigma_shift (default: sigma_shift)."""
+    """Integer noise handles (pytree shaped like params) for one member, from the one bucketed
+    noise function (`noise.member_directions`). Vectors use vector_sigma_shift (default:
+    sigma_shift)."""
     vshift = int(sigma_shift if vector_sigma_shift is None else vector_sigma_shift)
-    epoch = nz.epoch_of(plan, jnp.asarray(generation, jnp.int32))
     pair, sign = member_coords(member)
+    zs = nz.member_directions(plan, key, table, nz.epoch_of(plan, jnp.asarray(generation, jnp.int32)), pair)
     out = []
-    for leaf in plan.leaves:
+    for leaf, z in zip(plan.leaves, zs):
         if leaf.kind == nz.FROZEN:
             out.append(None)
-            continue
-        z = nz.direction_noise(plan, table, nz.leaf_key(key, leaf), epoch, pair, leaf)
-        if leaf.kind == nz.LOWRANK:
-            out.append(IntLowRank(z[0], z[1], sign, lowrank_shift(sigma_shift, plan.rank)))
+        elif leaf.kind == nz.LOWRANK:
+            out.append(i8.IntLowRank(z[0], z[1], sign, lowrank_shift(sigma_shift, plan.rank)))
         else:
-            out.append(IntFull(z, sign, vshift))
+            out.append(i8.IntFull(z, sign, vshift))
     return jax.tree_util.tree_unflatten(plan.treedef, out)
-
-
-# -- perturbed integer ops (one example; vmap adds the population) --------------------------------
-def linear_acc(w, x, noise=None) -> jax.Array:
-    """int32 accumulator of x (n,) int8 through w (m, n) int8, plus the member's perturbation."""
-    acc = i8.matmul(x, w)
-    if noise is None:
-        return acc
-    if not isinstance(noise, IntLowRank):
-        raise TypeError(f"linear_acc: expected IntLowRank noise, got {type(noise).__name__}")
-    n, r = noise.b.shape
-    pre = pre_shift(n, r)
-    xb = i8.shift_round(i8.matmul(x, noise.b.T), pre)  # (r,) int32
-    p = lax.dot_general(xb, noise.a.astype(jnp.int32), (((xb.ndim - 1,), (1,)), ((), ())),
-                        preferred_element_type=jnp.int32)  # (m,)
-    return acc + i8.shift_round(noise.sign * p, noise.shift - pre)
-
-
-def _rows(x, idx):
-    """x[idx] for an integer index array of any shape, as (vmapped) dynamic slices: plain
-    indexing of a mesh-replicated array inside shard_map trips jax's sharding check."""
-    idx = jnp.asarray(idx)
-    take = lambda i: lax.dynamic_index_in_dim(x, i, keepdims=False)  # noqa: E731
-    for _ in range(idx.ndim):
-        take = jax.vmap(take)
-    return take(idx)
-
-
-def embed(table, token, noise=None) -> jax.Array:
-    """Row(s) `token` (any index shape) of an int8 table (vocab, d), perturbed rows
-    sign * A[t] B^T / 2^shift."""
-    row = _rows(table, token)
-    if noise is None:
-        return row
-    p = i8.matmul(_rows(noise.a, token), noise.b)  # (..., d) int32, |.| <= 16129 r
-    return i8.sat(row.astype(jnp.int32) + i8.shift_round(noise.sign * p, noise.shift))
-
-
-def vector(v, noise=None) -> jax.Array:
-    """An int8 vector parameter (bias, norm gain) plus its full-rank integer perturbation."""
-    if noise is None:
-        return v
-    if not isinstance(noise, IntFull):
-        raise TypeError(f"vector: expected IntFull noise, got {type(noise).__name__}")
-    return i8.sat(v.astype(jnp.int32) + i8.shift_round(noise.sign * noise.eps.astype(jnp.int32), noise.shift))
 
 
 # -- fitness and update --------------------------------------------------------------------------
@@ -242,11 +179,10 @@ def accumulate(momentum, stats, bits: int):
         lambda m, z: jnp.clip(m - i8.shift_round(m, bits) + z, -MOMENTUM_CAP, MOMENTUM_CAP), momentum, stats)
 
 
-def zero_momentum(params, plan: nz.NoisePlan):
+def zero_momentum(plan: nz.NoisePlan):
     """Initial momentum: int32 zeros for perturbed leaves, None for frozen ones."""
-    leaves = jax.tree_util.tree_leaves(params)
     return jax.tree_util.tree_unflatten(plan.treedef, [
-        None if leaf.kind == nz.FROZEN else jnp.zeros(jnp.shape(x), jnp.int32) for leaf, x in zip(plan.leaves, leaves)])
+        None if leaf.kind == nz.FROZEN else jnp.zeros(leaf.shape, jnp.int32) for leaf in plan.leaves])
 
 
 def threshold(pair_f, rank: int, unit: int, z16) -> jax.Array:
@@ -259,107 +195,157 @@ def threshold(pair_f, rank: int, unit: int, z16) -> jax.Array:
     return (t * unit + 8) >> 4  # z sqrt(S r) unit
 
 
-def _largest_divisor_at_most(n: int, bound: int) -> int:
-    for c in range(max(1, min(n, bound)), 0, -1):
-        if n % c == 0:
-            return c
-    return 1
-
-
 def update_statistic(plan: nz.NoisePlan, key, table, generation, pair_f, chunk: int | None = None,
                      stat: str = "ab"):
     """Z per parameter (int32, shaped like it; None for frozen): sum_p f_p A_p B_p^T or
-    sum_p f_p eps_p, over pair chunks (lax.scan), with the forward's own noise function.
-    stat "sign": sum_p f_p sign(A_p) sign(B_p)^T for matrices (each term ±f_p; vectors unchanged).
-    Same-shaped leaves share one batched contraction."""
+    sum_p f_p eps_p, over pair chunks, with the forward's own noise (`noise.direction_sums`).
+    stat "sign": sum_p f_p sign(A_p) sign(B_p)^T for matrices (each term ±f_p; vectors unchanged)."""
     if stat not in STATISTICS:
         raise ValueError(f"update statistic must be one of {STATISTICS}, got {stat!r}")
-    epoch = nz.epoch_of(plan, jnp.asarray(generation, jnp.int32))
-    n_pairs = pair_f.shape[0]
-    buckets: dict[tuple, list[int]] = {}
-    for i, leaf in enumerate(plan.leaves):
-        if leaf.kind != nz.FROZEN:
-            buckets.setdefault((leaf.kind, leaf.shape), []).append(i)
-    out: list = [None] * len(plan.leaves)
-    noise_all = jax.vmap(jax.vmap(nz.direction_noise, (None, None, None, None, 0, None)),
-                         (None, None, 0, None, None, None))
-    for (kind, shape), idx in buckets.items():
-        leaves = [plan.leaves[i] for i in idx]
-        lkeys = nz.leaf_keys(key, leaves)
-        c = chunk or _largest_divisor_at_most(n_pairs, max(1, (1 << 22) // (len(idx) * plan.size(leaves[0]))))
-        if n_pairs % c:
-            raise ValueError(f"update chunk {c} must divide the number of pairs {n_pairs}")
-        pairs = jnp.arange(n_pairs, dtype=jnp.int32).reshape(-1, c)
-        fs = pair_f.astype(jnp.int32).reshape(-1, c)
 
-        def body(acc, xs, kind=kind, shape=shape, lkeys=lkeys, leaf=leaves[0]):
-            p, f = xs
-            z = noise_all(plan, table, lkeys, epoch, p, leaf)
-            if kind == nz.LOWRANK:
-                a, b = z  # (L, c, m, r), (L, c, n, r) int8
-                if stat == "sign":
-                    a, b = jnp.sign(a), jnp.sign(b)
-                af = a.astype(jnp.int32) * f[None, :, None, None]
-                upd = jnp.einsum("lcir,lcjr->lij", af, b.astype(jnp.int32), preferred_element_type=jnp.int32)
-            else:
-                v = z.reshape(*z.shape[:2], -1).astype(jnp.int32)
-                upd = jnp.einsum("c,lcn->ln", f, v, preferred_element_type=jnp.int32).reshape(lkeys.shape[0], *shape)
-            return acc + upd, None
+    def lowrank_sum(z, f):
+        a, b = z  # (L, c, m, r), (L, c, n, r) int8
+        if stat == "sign":
+            a, b = jnp.sign(a), jnp.sign(b)
+        af = a.astype(jnp.int32) * f[None, :, None, None]
+        return jnp.einsum("lcir,lcjr->lij", af, b.astype(jnp.int32), preferred_element_type=jnp.int32)
 
-        acc0 = jnp.zeros((len(idx), *shape), jnp.int32)
-        total, _ = lax.scan(body, acc0, (pairs, fs))
-        for j, i in enumerate(idx):
-            out[i] = total[j]
-    return jax.tree_util.tree_unflatten(plan.treedef, out)
+    def full_sum(v, f):  # (L, c, size) int8
+        return jnp.einsum("c,lcn->ln", f, v.astype(jnp.int32), preferred_element_type=jnp.int32)
+
+    zs = nz.direction_sums(plan, key, table, nz.epoch_of(plan, jnp.asarray(generation, jnp.int32)),
+                           pair_f.astype(jnp.int32), lowrank_sum=lowrank_sum, full_sum=full_sum,
+                           acc_dtype=jnp.int32, max_elements=1 << 22, chunk=chunk)
+    return jax.tree_util.tree_unflatten(plan.treedef, zs)
 
 
-def apply_update(params, stats, thresholds):
-    """params + sign(Z) where |Z| > threshold, saturating at ±127. stats: Z tree from
-    `update_statistic` (None = frozen); thresholds: one int32 scalar per leaf (list, in
-    tree_leaves order) or one scalar for all. Returns (new params, moved entries (int32), moved
-    entries per leaf (list of int32, tree_leaves order))."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    zs = treedef.flatten_up_to(stats)
-    if not isinstance(thresholds, (list, tuple)):
-        thresholds = [thresholds] * len(leaves)
-    new, moved = [], []
-    for w, z, t in zip(leaves, zs, thresholds):
+def steps_of(stats, thresholds: list):
+    """The ±1 moves sign(Z) where |Z| > threshold (int8; None for frozen leaves), and the moved
+    entries per leaf (int32, plan.leaves order). thresholds: one int32 scalar per leaf."""
+    moves, counts = [], []
+    for z, t in zip(stats, thresholds):
         if z is None:
-            new.append(w)
-            moved.append(jnp.int32(0))
+            moves.append(None)
+            counts.append(jnp.int32(0))
             continue
         step = jnp.where(jnp.abs(z) > t, jnp.sign(z), 0)
-        moved.append(jnp.sum(jnp.abs(step)))
-        new.append(i8.sat(w.astype(jnp.int32) + step))
-    return jax.tree_util.tree_unflatten(treedef, new), sum(moved[1:], moved[0]), moved
+        moves.append(step.astype(jnp.int8))
+        counts.append(jnp.sum(jnp.abs(step)))
+    return moves, counts
 
 
-class IntUpdate(NamedTuple):
-    params: object  # the new int8 params
-    momentum: object  # int32 tree (the statistic itself when momentum_bits = 0)
-    moved: jax.Array  # entries moved in total (int32)
-    moved_leaves: list  # entries moved per leaf (tree_leaves order)
-    pair_fitness: jax.Array  # (N / 2,) int32
+# -- the strategy ---------------------------------------------------------------------------------
+class IntESState(NamedTuple):
+    """What changes each generation: the counter and, with momentum_bits > 0, the int32 momentum."""
+
+    generation: jax.Array
+    momentum: Any = None
 
 
-def es_step(plan, key, table, generation, params, fitness, *, mode: str, z16, var: int,
-            chunk: int | None = None, stat: str = "ab", momentum=None, momentum_bits: int = 0,
-            vector_z16=None) -> IntUpdate:
-    """Whole integer update from member fitnesses (N,) int32.
+class IntSpec(NamedTuple):
+    """The static settings of integer EGGROLL (hashable, so a jitted step can take the verbs
+    as static arguments and share its compilation between equal strategies)."""
 
-    Z per leaf (`update_statistic`), optionally folded into the momentum M (`accumulate`); a
-    leaf entry moves by sign where |M| passes the z-test at z16 (matrices) / vector_z16 (vectors,
-    default z16), whose null standard deviation is that of Z times momentum_scale16 / 16."""
-    pf = pair_fitness(fitness, mode)
-    stats = update_statistic(plan, key, table, generation, pf, chunk, stat)
-    if momentum_bits:
-        stats = accumulate(momentum, stats, momentum_bits)
-    unit = 1 if stat == "sign" else var  # sd of one term of a matrix entry: 1 for ±1 products
-    t_mat = threshold(pf, plan.rank, unit, z16)
-    t_vec = threshold(pf, 1, round(math.sqrt(var)), z16 if vector_z16 is None else vector_z16)
-    if momentum_bits:
-        k16 = momentum_scale16(momentum_bits)
+    population: int
+    rank: int
+    sigma_shift: int
+    vector_sigma_shift: int
+    fitness: str
+    stat: str
+    momentum_bits: int
+    update_chunk: int | None
+
+
+@dataclass(frozen=True)
+class _Verb:
+    """A spec-bound verb: equal (and hash-equal) for equal specs, weak-referenceable for jax.jit."""
+
+    fn: Callable
+    spec: IntSpec
+
+    def __call__(self, *args):
+        return self.fn(self.spec, *args)
+
+
+def _noise(spec: IntSpec, ctx: nz.NoiseContext, state: IntESState, member):
+    return member_noise(ctx.plan, ctx.key, ctx.table, state.generation, member, spec.sigma_shift,
+                        spec.vector_sigma_shift)
+
+
+def _tell(spec: IntSpec, ctx: nz.NoiseContext, state: IntESState, fitness):
+    """fitness (N,) int32 -> (±1 steps tree, next state, integer metrics)."""
+    if fitness.shape != (spec.population,):
+        raise ValueError(f"fitness has shape {fitness.shape}; expected ({spec.population},)")
+    plan, gen = ctx.plan, state.generation
+    pf = pair_fitness(fitness, spec.fitness)
+    stats = update_statistic(plan, ctx.key, ctx.table, gen, pf, spec.update_chunk, spec.stat)
+    if spec.momentum_bits:
+        stats = accumulate(state.momentum, stats, spec.momentum_bits)
+    schedule = ctx.extra["z16"]  # (G + 1, 2): round(16 z) of the matrix / vector levels
+    z16 = i8.rows(schedule, jnp.minimum(gen, schedule.shape[0] - 1))
+    unit_mat, unit_vec = ctx.extra["units"][0], ctx.extra["units"][1]
+    t_mat, t_vec = threshold(pf, plan.rank, unit_mat, z16[0]), threshold(pf, 1, unit_vec, z16[1])
+    if spec.momentum_bits:  # the null sd of M is that of Z times sqrt(1 / (1 - beta^2))
+        k16 = momentum_scale16(spec.momentum_bits)
         t_mat, t_vec = (t_mat * k16 + 8) >> 4, (t_vec * k16 + 8) >> 4
     thr = [t_mat if leaf.kind == nz.LOWRANK else t_vec for leaf in plan.leaves]
-    new, moved, per_leaf = apply_update(params, stats, thr)
-    return IntUpdate(new, stats, moved, per_leaf, pf)
+    moves, counts = steps_of(plan.treedef.flatten_up_to(stats), thr)
+    metrics = {"moved": sum(counts[1:], counts[0]), "moved_leaves": jnp.stack(counts),
+               "pairs_nonzero": jnp.sum(pf != 0), "z16": z16[0]}
+    new = IntESState(gen + 1, stats if spec.momentum_bits else None)
+    return jax.tree_util.tree_unflatten(plan.treedef, moves), new, metrics
+
+
+def _shift_of(sigma: float, what: str) -> int:
+    """sigma = 2^-k (k integer in [0, 12]) -> k."""
+    k = -math.log2(sigma) if sigma > 0 else math.nan
+    if not (math.isfinite(k) and k == round(k) and 0 <= k <= 12):
+        raise ValueError(f"{what} must be a power of two 2^-k with k in 0..12 (integer arithmetic), got {sigma!r}")
+    return int(round(k))
+
+
+def _z16_schedule(alpha, vector_alpha, generations: int) -> np.ndarray:
+    """(G + 1, 2) int32 round(16 z) of the levels at generations 0..G (host side, once)."""
+    at = lambda a, g: float(a(g) if callable(a) else a)  # noqa: E731
+    return np.asarray([[z16_of_alpha(at(alpha, g)), z16_of_alpha(at(vector_alpha, g))]
+                       for g in range(generations + 1)], np.int32)
+
+
+def int8_eggroll(population: int, sigma: float = 2.0 ** -4, rank: int = 1, *, vector_sigma: float | None = None,
+                 alpha=1.0, vector_alpha=None, generations: int = 0, fitness: str = "sign", stat: str = "ab",
+                 momentum_bits: int = 0, noise_reuse: int = 1, kinds=None, table_size: int | None = None,
+                 update_chunk: int | None = None) -> ES:
+    """Integer EGGROLL for int8 params (antithetic, noise from an int8 table).
+
+    sigma / vector_sigma: powers of two (matrices / vectors; vectors default to sigma).
+    alpha / vector_alpha: the z-test level, a float or a schedule generation -> level
+    (evaluated on the host for generations 0..`generations` at setup; the last value holds
+    after). fitness "sign" | "norm" (pair fitness), stat "ab" | "sign" (update statistic),
+    momentum_bits k > 0: integer momentum with beta = 1 - 2^-k."""
+    if not isinstance(population, int) or population < 2 or population % 2:
+        raise ValueError(f"integer EGGROLL needs an even population >= 2 (antithetic pairs), got {population!r}")
+    if fitness not in FITNESS_MODES or stat not in STATISTICS:
+        raise ValueError(f"fitness must be one of {FITNESS_MODES} and stat one of {STATISTICS}, got {fitness!r}, {stat!r}")
+    if not (isinstance(momentum_bits, int) and 0 <= momentum_bits <= 12):
+        raise ValueError(f"momentum_bits must be an integer in [0, 12], got {momentum_bits!r}")
+    shift = _shift_of(sigma, "sigma")
+    vshift = shift if vector_sigma is None else _shift_of(vector_sigma, "vector_sigma")
+    spec = IntSpec(population, rank, shift, vshift, fitness, stat, momentum_bits, update_chunk)
+    vector_alpha = alpha if vector_alpha is None else vector_alpha
+    z16 = _z16_schedule(alpha, vector_alpha, max(int(generations), 0))
+
+    def setup(key, params) -> nz.NoiseContext:
+        key = jax.random.key_data(key) if jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key) else key
+        plan = make_plan(params, rank, noise_reuse, kinds)
+        table = make_table(key, nz.required_table_size(plan, table_size, population // 2))
+        var = table_variance(table)
+        units = jnp.asarray([1 if stat == "sign" else var, round(math.sqrt(var))], jnp.int32)
+        return nz.NoiseContext(jnp.asarray(key, jnp.uint32), table, plan, {"z16": jnp.asarray(z16), "units": units})
+
+    def init(ctx: nz.NoiseContext) -> IntESState:
+        return IntESState(jnp.zeros((), jnp.int32), zero_momentum(ctx.plan) if momentum_bits else None)
+
+    config = dict(strategy="int8_eggroll", population=population, rank=rank, sigma_shift=shift,
+                  vector_sigma_shift=vshift, fitness=fitness, stat=stat, momentum_bits=momentum_bits,
+                  noise_reuse=noise_reuse, table_size=table_size)
+    return ES(setup, init, _Verb(_noise, spec), _Verb(_tell, spec), population, config)

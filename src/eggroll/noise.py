@@ -296,17 +296,119 @@ def direction_noise(plan: NoisePlan, table, lkey, epoch, pair, leaf: LeafPlan):
     return draw_at(table, offset, size).reshape(leaf.shape)
 
 
+class NoiseContext:
+    """What a strategy needs that never changes during a run: the base key (raw uint32[2]), the
+    noise table (or None for threefry draws), the static plan, and `extra` constants (e.g. integer
+    EGGROLL's threshold schedule). Built once by `es.setup(key, params)` from the seed; pass it
+    into jitted code as an argument and never return it from a step, or XLA copies the table every
+    call. It is never checkpointed: it is a function of the seed and the config."""
+
+    def __init__(self, key, table, plan: NoisePlan, extra=None):
+        self.key, self.table, self.plan, self.extra = key, table, plan, {} if extra is None else extra
+
+    def __repr__(self):
+        size = None if self.table is None else tuple(self.table.shape)
+        return f"NoiseContext(leaves={len(self.plan.leaves)}, table={size}, extra={sorted(self.extra)})"
+
+
+jax.tree_util.register_pytree_with_keys(
+    NoiseContext,
+    lambda c: (tuple((jax.tree_util.GetAttrKey(n), getattr(c, n)) for n in ("key", "table", "extra")), c.plan),
+    lambda plan, children: NoiseContext(children[0], children[1], plan, children[2]),
+    lambda c: ((c.key, c.table, c.extra), c.plan),
+)
+
+
+def largest_divisor_at_most(n: int, bound: int) -> int:
+    """The largest divisor of n that is <= bound (>= 1): chunk sizes that tile a population."""
+    for c in range(max(1, min(n, bound)), 0, -1):
+        if n % c == 0:
+            return c
+    return 1
+
+
+def leaf_buckets(plan: NoisePlan) -> list[list[int]]:
+    """Indices of the perturbed leaves grouped by (kind, shape), in first-seen order. Leaves of a
+    bucket differ only in their keys, so their noise is drawn by one vmapped `direction_noise`
+    (one offset computation per distinct shape: compile time does not grow with depth)."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, leaf in enumerate(plan.leaves):
+        if leaf.kind != FROZEN:
+            buckets.setdefault((leaf.kind, leaf.shape), []).append(i)
+    return list(buckets.values())
+
+
+def _bucket_noise(plan, table, lkeys, epoch, pairs, leaf):
+    """direction_noise for (L leaf keys) x (pairs, any shape: vmapped over its leading axes)."""
+    inner = direction_noise
+    for _ in range(jnp.ndim(pairs)):
+        inner = jax.vmap(inner, (None, None, None, None, 0, None))
+    return jax.vmap(inner, (None, None, 0, None, None, None))(plan, table, lkeys, epoch, pairs, leaf)
+
+
+def member_directions(plan: NoisePlan, key, table, epoch, pair) -> list:
+    """Standard-normal (or integer-table) noise of direction `pair` for every leaf, in
+    plan.leaves order (None for frozen leaves): (a, b) for low-rank leaves, eps otherwise.
+    The one bucketed noise function: the forward of every strategy and the sampler call it, the
+    update (`direction_sums`) draws the same values for chunks of pairs."""
+    out: list = [None] * len(plan.leaves)
+    for idx in leaf_buckets(plan):
+        leaf = plan.leaves[idx[0]]
+        if len(idx) == 1:
+            out[idx[0]] = direction_noise(plan, table, leaf_key(key, leaf), epoch, pair, leaf)
+            continue
+        z = _bucket_noise(plan, table, leaf_keys(key, [plan.leaves[i] for i in idx]), epoch, pair, leaf)
+        for j, i in enumerate(idx):
+            out[i] = jax.tree_util.tree_map(lambda x, j=j: x[j], z)
+    return out
+
+
+def direction_sums(plan: NoisePlan, key, table, epoch, weights, *, lowrank_sum, full_sum, acc_dtype,
+                   max_elements: int, chunk: int | None = None) -> list:
+    """sum_p weights[p] * noise_p per perturbed leaf (plan.leaves order; None for frozen), over
+    the directions p = 0..len(weights)-1, with the forward's own noise.
+
+    Per bucket of same-shaped leaves the directions are scanned in chunks (at most max_elements
+    noise values per chunk, or `chunk` directions); lowrank_sum((a, b), w) with a (L, c, d0, r),
+    b (L, c, d1, r) and full_sum(v, w) with v (L, c, size) return the chunk's (L, ...) sums in
+    acc_dtype: one batched GEMM per bucket, no per-direction full-size matrix."""
+    n_dirs = weights.shape[0]
+    out: list = [None] * len(plan.leaves)
+    for idx in leaf_buckets(plan):
+        leaf = plan.leaves[idx[0]]
+        lkeys = leaf_keys(key, [plan.leaves[i] for i in idx])  # (L, 2)
+        c = chunk or largest_divisor_at_most(n_dirs, max(1, max_elements // (len(idx) * plan.size(leaf))))
+        if n_dirs % c:
+            raise ValueError(f"update chunk {c} must divide the number of noise directions {n_dirs}")
+        pairs = jnp.arange(n_dirs, dtype=jnp.int32).reshape(-1, c)
+        ws = weights.reshape(-1, c)
+
+        def body(acc, xs, leaf=leaf, lkeys=lkeys):
+            p, w = xs
+            z = _bucket_noise(plan, table, lkeys, epoch, p, leaf)
+            if leaf.kind == LOWRANK:
+                return acc + lowrank_sum(z, w), None
+            return acc + full_sum(z.reshape(*z.shape[:2], -1), w).reshape(acc.shape), None
+
+        acc0 = jnp.zeros((len(idx), *leaf.shape), acc_dtype)
+        if pairs.shape[0] == 1:
+            total, _ = body(acc0, (pairs[0], ws[0]))
+        else:
+            total, _ = lax.scan(body, acc0, (pairs, ws))
+        for j, i in enumerate(idx):
+            out[i] = total[j]
+    return out
+
+
 def member_noise(plan: NoisePlan, key, table, generation, sigma, member):
-    """Noise handles (a pytree shaped like params) for one population member."""
-    epoch = epoch_of(plan, generation)
+    """Float noise handles (a pytree shaped like params) for one population member."""
     pair, sign = member_coords(plan, member)
+    zs = member_directions(plan, key, table, epoch_of(plan, generation), pair)
     out = []
-    for leaf in plan.leaves:
+    for leaf, z in zip(plan.leaves, zs):
         if leaf.kind == FROZEN:
             out.append(None)
-            continue
-        z = direction_noise(plan, table, leaf_key(key, leaf), epoch, pair, leaf)
-        if leaf.kind == LOWRANK:
+        elif leaf.kind == LOWRANK:
             out.append(LowRank(*z, sign * sigma / math.sqrt(plan.rank)))
         else:
             out.append(Full(z, sign * sigma))

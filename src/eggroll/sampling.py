@@ -1,7 +1,7 @@
 """Batched generation where each row is its own population member: prefill + decode with a cache.
 
     gen = generate(params, cfg, prompts, prompt_lengths, max_new_tokens=64, key=key,
-                   temperature=0.0, eos_ids=(eos,), noise_fn=es.noise, noise_args=es_state,
+                   temperature=0.0, eos_ids=(eos,), noise_fn=es.noise, noise_args=(ctx, es_state),
                    member_ids=members)
     gen.tokens (B, max_new_tokens) int32, gen.lengths (B,), gen.finished (B,)
 
@@ -13,9 +13,10 @@ prefill, and every matmul adds only its rank-r correction (`eggroll.layers`); th
 are one GEMM for the whole batch. With rows_per_member = k, rows come in groups of k consecutive
 rows of one member: noise is made once per group and read once per group per step.
 
-noise_fn. `noise_fn(member_id)` -> noise pytree, or, when `noise_args` is given,
-`noise_fn(noise_args, member_id)` (pass noise_fn=es.noise, noise_args=es_state: then the ES
-state is a traced argument and a new generation does not recompile). noise_fn=None: every row
+noise_fn. `noise_fn(member_id)` -> noise pytree, or, when `noise_args` (a tuple) is given,
+`noise_fn(*noise_args, member_id)` (pass noise_fn=es.noise, noise_args=(ctx, es_state): then the
+noise context and ES state are traced arguments and a new generation does not recompile; es.noise
+draws same-shaped leaves in one vmapped gather, so a deep model compiles quickly). noise_fn=None: every row
 is the plain model.
 
 Decoding. Greedy when temperature == 0, else sampling from softmax(logits / temperature) (row
@@ -47,7 +48,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import noise as nz
 from .models import transformer as tfm
 from .noise import Full, LowRank
 
@@ -88,39 +88,10 @@ def row_noise(noise_fn, noise_args, member_ids):
         return None
 
     def one(m):
-        n = noise_fn(jnp.maximum(m, 0)) if noise_args is None else noise_fn(noise_args, jnp.maximum(m, 0))
+        n = noise_fn(jnp.maximum(m, 0)) if noise_args is None else noise_fn(*noise_args, jnp.maximum(m, 0))
         return _scale_noise(n, m >= 0)
 
     return jax.vmap(one)(member_ids)
-
-
-def bucketed_noise(es) -> Callable:
-    """noise_fn(state, member) equal to es.noise(state, member), built for compile time: leaves of
-    the same (kind, shape) draw their factors in one vmapped `noise.direction_noise` (as
-    `strategy.tell` does), so a deep model compiles one offset computation per distinct shape
-    instead of one per leaf. The scales come from es.noise itself (its unused factor draws are
-    dead code). Use as generate(..., noise_fn=bucketed_noise(es), noise_args=state)."""
-    def noise_fn(state, member):
-        ref = es.noise(state, member)  # structure + scales (sign * sigma [/ sqrt r])
-        plan = state.plan
-        epoch = nz.epoch_of(plan, state.generation)
-        pair, _ = nz.member_coords(plan, member)
-        buckets: dict[tuple, list[int]] = {}
-        for i, leaf in enumerate(plan.leaves):
-            if leaf.kind != nz.FROZEN:
-                buckets.setdefault((leaf.kind, leaf.shape), []).append(i)
-        refs = jax.tree_util.tree_leaves(ref, is_leaf=lambda n: isinstance(n, (LowRank, Full)) or n is None)
-        out = list(refs)
-        for idx in buckets.values():
-            lkeys = nz.leaf_keys(state.key, [plan.leaves[i] for i in idx])
-            z = jax.vmap(nz.direction_noise, (None, None, 0, None, None, None))(
-                plan, state.table, lkeys, epoch, pair, plan.leaves[idx[0]])
-            for j, i in enumerate(idx):
-                zi = jax.tree_util.tree_map(lambda x, j=j: x[j], z)
-                out[i] = LowRank(*zi, refs[i].scale) if isinstance(refs[i], LowRank) else Full(zi, refs[i].scale)
-        return jax.tree_util.tree_unflatten(plan.treedef, out)
-
-    return noise_fn
 
 
 def prompt_positions(prompt_lengths, width: int):
@@ -247,3 +218,7 @@ def truncate_at_stop(text: str, stops=()) -> tuple[str, bool]:
     """Cut decoded text at the first occurrence of any stop string -> (text, stopped)."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def decode_rows(tokenizer, tokens) -> list[str]:
+    return [tokenizer.decode(row) for row in np.asarray(tokens)]

@@ -1,10 +1,16 @@
-"""Strategies: `eggroll(...)` (low-rank noise) and `open_es(...)` (full-rank), one interface.
+"""Strategies: `eggroll(...)` (low-rank noise), `open_es(...)` (full-rank), one interface.
 
-    es = eggroll(population=N, rank=r, sigma=s)
-    state = es.init(key, params)
-    noise = es.noise(state, member)          # handles shaped like params, for one member
-    grad, state, metrics = es.tell(state, fitness)
+    es = eggroll(population=N, sigma=s, rank=r)     # or open_es(N, s), int8_eggroll(N, 2**-4, r)
+    ctx = es.setup(key, params)                     # constant for the run: key, noise table, plan
+    state = es.init(ctx)                            # what changes each generation (the counter)
+    noise = es.noise(ctx, state, member)            # handles shaped like params, for one member
+    grad, state, metrics = es.tell(ctx, state, fitness)
     updates, opt_state = optax_opt.update(grad, opt_state, params)
+
+Pass `ctx` into jitted code as an argument and never return it: it holds the noise table, which
+a step returning it would copy every call. Every strategy in STRATEGIES has the constructor
+shape (population, sigma, rank, **options) and these four verbs; `make_strategy(name, ...)`
+builds one from a config.
 
 Scaling (exact). With shaped weights w_i, antithetic signs s_i and unit-variance directions
 E_i = A_i B_i^T / sqrt(r) (low-rank) or eps_i (full), member i evaluates params + sigma s_i E_i
@@ -26,43 +32,20 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+
 
 from . import noise as nz
+from .int8_strategy import int8_eggroll
+from .interface import ES
 from .shaping import get_shaping
 
 Sigma = float | Callable[[Any], Any]
 
 
-class ESState:
-    """key (raw uint32[2]), generation (int32), table (noise table or None); plan is static."""
+class ESState(NamedTuple):
+    """The float strategies' changing state: the generation counter (int32)."""
 
-    def __init__(self, key, generation, table, plan):
-        self.key, self.generation, self.table, self.plan = key, generation, table, plan
-
-    def replace(self, **kw):
-        d = dict(key=self.key, generation=self.generation, table=self.table, plan=self.plan)
-        d.update(kw)
-        return ESState(**d)
-
-    def __repr__(self):
-        return f"ESState(generation={self.generation}, leaves={len(self.plan.leaves)})"
-
-
-jax.tree_util.register_pytree_with_keys(
-    ESState,
-    lambda s: (tuple((jax.tree_util.GetAttrKey(n), getattr(s, n)) for n in ("key", "generation", "table")), s.plan),
-    lambda plan, children: ESState(*children, plan),
-    lambda s: ((s.key, s.generation, s.table), s.plan),
-)
-
-
-class ES(NamedTuple):
-    init: Callable
-    noise: Callable
-    tell: Callable
-    population: int
-    config: dict
+    generation: jax.Array
 
 
 def _raw_key(key):
@@ -72,13 +55,6 @@ def _raw_key(key):
     if key.shape != (2,) or key.dtype != jnp.uint32:
         raise ValueError(f"expected a jax.random key (PRNGKey or jax.random.key), got {key.dtype}{key.shape}")
     return key
-
-
-def _largest_divisor_at_most(n: int, bound: int) -> int:
-    for c in range(max(1, min(n, bound)), 0, -1):
-        if n % c == 0:
-            return c
-    return 1
 
 
 def _make(population, sigma, *, rank, antithetic, noise_reuse, shaping, kinds, default_kind,
@@ -98,27 +74,30 @@ def _make(population, sigma, *, rank, antithetic, noise_reuse, shaping, kinds, d
     def sigma_at(generation):
         return jnp.asarray(sigma(generation) if callable(sigma) else sigma, jnp.float32)
 
-    def init(key, params) -> ESState:
+    def setup(key, params) -> nz.NoiseContext:
+        """The run's constant noise context, from the seed's key and the params' structure."""
         key = _raw_key(key)
         for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
             if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
                 raise TypeError(
                     f"parameter {jax.tree_util.keystr(path)} has dtype {jnp.result_type(x)}: "
-                    f"the float strategy {name} needs floating params (integer models: eggroll.int8)"
+                    f"the float strategy {name} needs floating params (integer models: int8_eggroll)"
                 )
         plan = nz.make_plan(params, rank=rank, antithetic=antithetic, noise_reuse=noise_reuse,
                             source=noise_source, kinds=kinds, default=default_kind)
         table = None
         if noise_source == "table":
             table = nz.make_table(key, nz.required_table_size(plan, table_size, n_dirs))
-        return ESState(key, jnp.zeros((), jnp.int32), table, plan)
+        return nz.NoiseContext(key, table, plan)
 
-    def noise(state: ESState, member):
+    def init(ctx: nz.NoiseContext) -> ESState:
+        return ESState(jnp.zeros((), jnp.int32))
+
+    def noise(ctx: nz.NoiseContext, state: ESState, member):
         """Noise handles for one member (vmap over members for the population)."""
-        return nz.member_noise(state.plan, state.key, state.table, state.generation,
-                               sigma_at(state.generation), member)
+        return nz.member_noise(ctx.plan, ctx.key, ctx.table, state.generation, sigma_at(state.generation), member)
 
-    def tell(state: ESState, fitness):
+    def tell(ctx: nz.NoiseContext, state: ESState, fitness):
         """fitness (N,) (or (N, J) for group shaping) -> (grad = -g, next state, metrics)."""
         fitness = jnp.asarray(fitness)
         if fitness.ndim < 1 or fitness.shape[0] != population:
@@ -130,7 +109,7 @@ def _make(population, sigma, *, rank, antithetic, noise_reuse, shaping, kinds, d
         sig = sigma_at(state.generation)
         dir_w = w[0::2] - w[1::2] if antithetic else w  # one weight per noise direction
         coef = dir_w.astype(jnp.float32) / (population * sig)
-        grads = _es_gradient(state, coef, n_dirs, update_chunk)
+        grads = _es_gradient(ctx, state.generation, coef, update_chunk)
         finite = jnp.isfinite(fitness)
         fin = jnp.where(finite, fitness, 0.0)
         cnt = jnp.maximum(finite.sum(), 1)
@@ -141,61 +120,35 @@ def _make(population, sigma, *, rank, antithetic, noise_reuse, shaping, kinds, d
             "nonfinite": (~finite).sum(),
             "sigma": sig,
         }
-        return grads, state.replace(generation=state.generation + 1), metrics
+        return grads, ESState(state.generation + 1), metrics
 
     config = dict(strategy=name, population=population, rank=rank, antithetic=antithetic,
                   noise_reuse=noise_reuse, noise_source=noise_source, table_size=table_size,
                   shaping=shaping if isinstance(shaping, str) else getattr(shaping, "__name__", "custom"))
-    return ES(init, noise, tell, population, config)
+    return ES(setup, init, noise, tell, population, config)
 
 
-def _es_gradient(state: ESState, coef, n_dirs, update_chunk):
-    """-sum_p coef_p E_p per leaf, bucketed by (kind, shape), chunked over directions."""
-    plan = state.plan
-    epoch = nz.epoch_of(plan, state.generation)
-    buckets: dict[tuple, list[int]] = {}
-    for i, leaf in enumerate(plan.leaves):
-        if leaf.kind != nz.FROZEN:
-            buckets.setdefault((leaf.kind, leaf.shape), []).append(i)
-    out: list = [None] * len(plan.leaves)
-    for (kind, shape), idx in buckets.items():
-        lkeys = nz.leaf_keys(state.key, [plan.leaves[i] for i in idx])  # (L, 2)
-        size = plan.size(plan.leaves[idx[0]])
-        chunk = update_chunk or _largest_divisor_at_most(n_dirs, max(1, (1 << 24) // (len(idx) * size)))
-        if n_dirs % chunk:
-            raise ValueError(f"update_chunk {chunk} must divide the number of noise directions {n_dirs}")
-        pairs = jnp.arange(n_dirs, dtype=jnp.int32).reshape(-1, chunk)
-        coefs = coef.reshape(-1, chunk)
-        leaf = plan.leaves[idx[0]]  # the bucket's leaves differ only in their keys
-        # (L leaf keys) x (chunk pairs) -> noise of every direction: the forward's own function
-        noise_all = jax.vmap(jax.vmap(nz.direction_noise, (None, None, None, None, 0, None)),
-                             (None, None, 0, None, None, None))
+def _es_gradient(ctx: nz.NoiseContext, generation, coef, update_chunk):
+    """-sum_p coef_p E_p per leaf (`noise.direction_sums`: bucketed by shape, chunked)."""
+    plan = ctx.plan
+    sqrt_r = math.sqrt(plan.rank)
 
-        def body(acc, xs, kind=kind, shape=shape, lkeys=lkeys, leaf=leaf):
-            p, c = xs
-            z = noise_all(plan, state.table, lkeys, epoch, p, leaf)
-            if kind == nz.LOWRANK:
-                a, b = z  # (L, c, d0, r), (L, c, d1, r)
-                # scale the factor gathered in its natural layout (XLA transposes the other one
-                # into the GEMM operand; per-element work there is kept to the gather alone)
-                b = b * (c / math.sqrt(plan.rank))[None, :, None, None]
-                # sum over (chunk, rank) of outer products: one batched GEMM per bucket
-                upd = jnp.einsum("lcir,lcjr->lij", a, b, preferred_element_type=jnp.float32)
-            else:
-                v = z.reshape(*z.shape[:2], -1)  # (L, chunk, size)
-                upd = jnp.einsum("c,lcn->ln", c, v, preferred_element_type=jnp.float32).reshape(len(lkeys), *shape)
-            return acc + upd, None
+    def lowrank_sum(z, c):
+        a, b = z  # (L, c, d0, r), (L, c, d1, r)
+        # scale the factor gathered in its natural layout (XLA transposes the other one
+        # into the GEMM operand; per-element work there is kept to the gather alone)
+        b = b * (c / sqrt_r)[None, :, None, None]
+        # sum over (chunk, rank) of outer products: one batched GEMM per bucket
+        return jnp.einsum("lcir,lcjr->lij", a, b, preferred_element_type=jnp.float32)
 
-        acc0 = jnp.zeros((len(idx), *shape), jnp.float32)
-        if pairs.shape[0] == 1:
-            total, _ = body(acc0, (pairs[0], coefs[0]))
-        else:
-            total, _ = lax.scan(body, acc0, (pairs, coefs))
-        for j, i in enumerate(idx):
-            out[i] = (-total[j]).astype(plan.leaves[i].dtype)
-    for i, leaf in enumerate(plan.leaves):
-        if out[i] is None:
-            out[i] = jnp.zeros(leaf.shape, leaf.dtype)
+    def full_sum(v, c):  # (L, chunk, size)
+        return jnp.einsum("c,lcn->ln", c, v, preferred_element_type=jnp.float32)
+
+    sums = nz.direction_sums(plan, ctx.key, ctx.table, nz.epoch_of(plan, generation), coef,
+                             lowrank_sum=lowrank_sum, full_sum=full_sum, acc_dtype=jnp.float32,
+                             max_elements=1 << 24, chunk=update_chunk)
+    out = [jnp.zeros(leaf.shape, leaf.dtype) if z is None else (-z).astype(leaf.dtype)
+           for leaf, z in zip(plan.leaves, sums)]
     return jax.tree_util.tree_unflatten(plan.treedef, out)
 
 
@@ -215,13 +168,22 @@ def _all_full(path, leaf):
     return nz.FULL
 
 
-def open_es(population: int, sigma: Sigma = 0.01, *, antithetic: bool = True, noise_reuse: int = 1,
+def open_es(population: int, sigma: Sigma = 0.01, rank: int = 1, *, antithetic: bool = True, noise_reuse: int = 1,
             shaping="centered_rank", kinds=None, noise_source: str = "table",
             table_size: int | None = None, update_chunk: int | None = None) -> ES:
-    """Full-rank OpenES (Salimans et al. 2017): every leaf gets dense Gaussian noise."""
+    """Full-rank OpenES (Salimans et al. 2017): every leaf gets dense Gaussian noise. `rank` is
+    accepted so every strategy has the same constructor shape; full-rank noise has none."""
     return _make(population, sigma, rank=1, antithetic=antithetic, noise_reuse=noise_reuse,
                  shaping=shaping, kinds=kinds, default_kind=_all_full, noise_source=noise_source,
                  table_size=table_size, update_chunk=update_chunk, name="open_es")
 
 
-STRATEGIES = {"eggroll": eggroll, "open_es": open_es}
+STRATEGIES = {"eggroll": eggroll, "open_es": open_es, "int8_eggroll": int8_eggroll}
+FLOAT_STRATEGIES = ("eggroll", "open_es")
+
+
+def make_strategy(name: str, population: int, sigma, rank: int = 1, **options) -> ES:
+    """Any registered strategy from a config: STRATEGIES[name](population, sigma, rank, **options)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    return STRATEGIES[name](population, sigma, rank, **options)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .recipes import rl as recipe
 from .runlog import write_json
-from .cli import flag
+from .config import flag
 
 SPACES = {
     "es": {
@@ -46,7 +46,7 @@ SPACES = {
 }
 
 
-_arg = flag  # Config field -> CLI flag (eggroll.cli.flag)
+_arg = flag  # Config field -> CLI flag (eggroll.config.flag)
 
 
 @dataclass

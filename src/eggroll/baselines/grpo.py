@@ -18,16 +18,26 @@ in a lower `compute_dtype`. The optimizer is any optax transformation.
 
 The model enters through `logprob_fn(params, tokens (S,), positions (S,)) -> log-probs (S-1,)`
 of tokens[1:] given their prefix, for ONE sequence (see `transformer_logprob_fn`).
+
+`grpo_finetuner` is the fine-tuning loop on the same sampler, tokenizer adapter and Task as the
+EGGROLL fine-tuner (`tasks.finetune.es_finetuner`): P prompts, G samples each at temperature
+> 0, group advantages, old log-probs from the sampling params, `minibatches` x `epochs` clipped
+updates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from ..sampling import decode_rows, generate
+from ..tasks.diagnostics import generation_diagnostics
 
 
 class GRPOBatch(NamedTuple):
@@ -151,3 +161,54 @@ def build_batch(prompts, prompt_lengths, completions, completion_lengths, advant
     return GRPOBatch(jnp.concatenate([prompts, completions], axis=1), positions.astype(jnp.int32), mask,
                      jnp.asarray(advantages, jnp.float32), old_logp, ref_logp)
 
+
+class GRPOState(NamedTuple):
+    params: Any
+    opt_state: Any
+    key: jax.Array
+
+
+class GRPOFinetuner(NamedTuple):
+    init: Callable  # (key, params) -> GRPOState
+    step: Callable  # (GRPOState, examples) -> (GRPOState, metrics dict)
+
+
+def grpo_finetuner(cfg, tokenizer, task, optimizer: optax.GradientTransformation, *, group_size: int,
+                   prompt_len: int, max_new_tokens: int, temperature: float = 1.0, clip_eps: float = 0.2,
+                   kl_coef: float = 0.0, ref_params=None, minibatches: int = 1, epochs: int = 1) -> GRPOFinetuner:
+    """GRPO fine-tuner on the same harness. ref_params: the KL reference (needed if kl_coef > 0)."""
+    if group_size < 2:
+        raise ValueError(f"GRPO needs group_size >= 2 samples per prompt, got {group_size}")
+    if kl_coef and ref_params is None:
+        raise ValueError("kl_coef > 0 needs ref_params (usually the starting checkpoint)")
+    if not temperature > 0:
+        raise ValueError(f"GRPO samples at temperature > 0, got {temperature}")
+    logprob_fn = transformer_logprob_fn(cfg)
+    algo = make_grpo(logprob_fn, optimizer, max_new_tokens, clip_eps=clip_eps, kl_coef=kl_coef,
+                              minibatches=minibatches, epochs=epochs)
+
+    def init(key, params) -> GRPOState:
+        return GRPOState(params, optimizer.init(params), jnp.asarray(key))
+
+    def step(state: GRPOState, examples: Sequence[dict]):
+        p = len(examples)
+        key, k_sample, k_update = jax.random.split(state.key, 3)
+        ids, lens = tokenizer.encode_batch([task.prompt(e) for e in examples], length=prompt_len)
+        ids, lens = np.repeat(ids, group_size, axis=0), np.repeat(lens, group_size)  # row p*G + g
+        gen = generate(state.params, cfg, ids, lens, max_new_tokens=max_new_tokens, key=k_sample,
+                       temperature=temperature, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
+        texts = decode_rows(tokenizer, gen.tokens)
+        rewards = task.score_batch(texts, [e for e in examples for _ in range(group_size)]).reshape(p, group_size)
+        adv = group_advantages(rewards).reshape(-1)
+        batch = build_batch(ids, lens, gen.tokens, gen.lengths, adv, None)
+        old = algo.logprobs(state.params, batch.tokens, batch.positions)
+        ref = algo.logprobs(ref_params, batch.tokens, batch.positions) if kl_coef else None
+        batch = batch._replace(old_logp=old, ref_logp=ref)
+        params, opt_state, m = algo.update(state.params, state.opt_state, batch, k_update)
+        answers = [[task.answer(texts[q * group_size + g]) for q in range(p)] for g in range(group_size)]
+        diag = generation_diagnostics(rewards.T, answers=answers,
+                                      finished=np.asarray(gen.finished).reshape(p, group_size).T)
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        return GRPOState(params, opt_state, key), {**diag, **m, "samples": p * group_size}
+
+    return GRPOFinetuner(init, step)

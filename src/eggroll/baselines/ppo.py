@@ -91,7 +91,7 @@ def gae(rewards, values, dones, last_value, gamma, lam):
     return adv, adv + values
 
 
-def make_ppo_trainer(env: rlt.Env, hp: dict, eval_episodes: int, trainer_cls):
+def make_ppo_trainer(env: rlt.Env, hp: dict, eval_episodes: int) -> rlt.Trainer:
     E, T, act = hp["num_envs"], hp["rollout_len"], hp["activation"]
     sizes = rlt.policy_sizes(env, hp["hidden"])
     tx = optax.chain(optax.clip_by_global_norm(hp["max_grad_norm"]), optax.adam(hp["ppo_lr"], eps=1e-5))
@@ -171,5 +171,5 @@ def make_ppo_trainer(env: rlt.Env, hp: dict, eval_episodes: int, trainer_cls):
     init_jit, update_jit = jax.jit(init_fn), jax.jit(update)
     eval_jit = jax.jit(lambda p, k: rlt.evaluate_policy(env, p, k, eval_episodes, act))
     n_params = sum(a * b + a for a, b in zip(sizes[1:], sizes[:-1]))
-    return trainer_cls(env, init_jit, update_jit, lambda s, k: eval_jit(s.params["actor"], k),
+    return rlt.Trainer(env, init_jit, update_jit, lambda s, k: eval_jit(s.params["actor"], k),
                        lambda s: s.params, n_params)

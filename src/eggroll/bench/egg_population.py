@@ -63,7 +63,7 @@ def populations(spec: str) -> list[tuple[int, int]]:
 
 
 def run(cfg: Config) -> dict:
-    from ..cli import config_from_flags
+    from ..config import config_from_flags
     from ..recipes import egg
 
     points = populations(cfg.populations)

@@ -32,8 +32,8 @@ class Config:
 
 
 def recipe_config(flags: str, **fixed):
-    """An egg recipe Config from a string of `eggroll train egg` flags (cli.config_from_flags)."""
-    from ..cli import config_from_flags
+    """An egg recipe Config from a string of `eggroll train egg` flags (config.config_from_flags)."""
+    from ..config import config_from_flags
     from ..recipes import egg
 
     return config_from_flags(egg, flags, **fixed)
@@ -87,9 +87,9 @@ def run(cfg: Config) -> dict:
         run_cfg = recipe_config(cfg.flags, noise_seed=seed, generations=cfg.generations, resume=False,
                                 checkpoint_every=0, run_dir=str(Path(cfg.out_dir) / f"noise-{tag}"))
         results.append(egg.run(run_cfg))
-        train = egg.make_train(run_cfg)
-        tree, _ = load_checkpoint(Path(run_cfg.run_dir) / "checkpoint", train.init()._asdict())
-        finals.append(dict(zip(train.leaf_names, map(np.asarray, jax.tree_util.tree_leaves(tree["params"])))))
+        train = egg.build(run_cfg)
+        tree, _ = load_checkpoint(Path(run_cfg.run_dir) / "checkpoint", train.init())
+        finals.append(dict(zip(train.leaf_names, map(np.asarray, jax.tree_util.tree_leaves(tree.params)))))
         recs = read_metrics(run_cfg.run_dir)
         moved.append({k: float(np.mean([r[k] for r in recs if k in r])) for k in ("moved_frac_matrices", "moved_frac_vectors")})
         print(json.dumps({"run": tag, "noise_seed": seed, "valid_bits_per_byte": results[-1]["valid_bits_per_byte"]}),

@@ -62,18 +62,18 @@ def _gemm_block_s(params, rows: int, block: int, repeats: int) -> float:
 
 
 def run(cfg: Config) -> dict:
-    from ..cli import config_from_flags
+    from ..config import config_from_flags
     from ..recipes import egg
 
     if cfg.repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {cfg.repeats}")
-    train = egg.make_train(config_from_flags(egg, cfg.flags, progress=False))
+    train = egg.build(config_from_flags(egg, cfg.flags, progress=False))
     rc = train.cfg
     state = {"s": train.init()}
-    tokens, z16 = train.batch(0), train.z16(0)
+    tokens = train.batch(0)
 
     def generation():
-        state["s"], m = train.step(state["s"], tokens, 0, z16)
+        state["s"], m = train.step(state["s"], tokens)
         return m
 
     t_gen = _best(generation, cfg.repeats)

@@ -3,7 +3,7 @@
 Both sides run `sampling.generate` on the same random-initialised transformer, the same
 left-padded prompts (B = members x prompts_per_member rows) and the same number of new tokens
 (no EOS, so every row decodes max_new_tokens). The perturbed side gives row b member b //
-prompts_per_member and makes its noise inside the jitted call (sampling.bucketed_noise(es) per member, as a
+prompts_per_member and makes its noise inside the jitted call (es.noise per member: same-shaped leaves in one vmapped gather, as a
 training generation would), with rows_per_member = prompts_per_member (one set of factors per
 member); `per_row_over_plain` is the same with the factors looked up per row
 (rows_per_member=1). The plain side passes noise_fn=None. Timed in interleaved rounds
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from ..models import transformer as tfm
-from ..sampling import bucketed_noise, generate
+from ..sampling import generate
 from ..strategy import eggroll
 from .throughput import _interleaved, _paired
 
@@ -51,8 +51,6 @@ class Config:
         "help": "no noise on norms / biases (the LLM default); matrices (embeddings included) low-rank"})
     per_row: bool = dataclasses.field(default=True, metadata={
         "help": "also time rows_per_member=1 (noise looked up per row instead of per member)"})
-    bucketed: bool = dataclasses.field(default=True, metadata={
-        "help": "noise_fn = sampling.bucketed_noise(es) (same values as es.noise, faster to compile)"})
     temperature: float = dataclasses.field(default=0.0, metadata={"help": "0 = greedy"})
     dtype: str = dataclasses.field(default="float32", metadata={"help": "params dtype",
                                                                 "choices": ("float32", "bfloat16")})
@@ -81,12 +79,12 @@ def run(cfg: Config) -> dict:
     population = cfg.members + cfg.members % 2
     kinds = (lambda path, x: "lowrank" if x.ndim == 2 else "frozen") if cfg.freeze_vectors else None
     es = eggroll(population, cfg.sigma, cfg.rank, kinds=kinds)
-    state = es.init(k_es, params)
+    ctx = es.setup(k_es, params)
+    state = es.init(ctx)
     members = jnp.repeat(jnp.arange(cfg.members, dtype=jnp.int32), cfg.prompts_per_member)
     kw = {"max_new_tokens": cfg.new_tokens, "key": k_gen, "temperature": cfg.temperature}
 
-    noise_fn = bucketed_noise(es) if cfg.bucketed else es.noise
-    noisy = {"noise_fn": noise_fn, "noise_args": state, "member_ids": members}
+    noisy = {"noise_fn": es.noise, "noise_args": (ctx, state), "member_ids": members}
     units = {
         "plain": lambda: generate(params, mcfg, prompts, lengths, **kw),
         "noise": lambda: generate(params, mcfg, prompts, lengths, rows_per_member=cfg.prompts_per_member,

@@ -69,26 +69,27 @@ def _measure(cfg: dict) -> dict:
         es = eggroll(cfg["population"], sigma=0.01, rank=1)
         opt = optax.sgd(1e-3)
 
-        def generation(params, state, opt_state, es=es, opt=opt, x=x, y=y):
+        def generation(params, state, opt_state, ctx, es=es, opt=opt, x=x, y=y):
             def fitness(m):
-                return -jnp.mean((mlp(params, x, es.noise(state, m)) - y) ** 2)
+                return -jnp.mean((mlp(params, x, es.noise(ctx, state, m)) - y) ** 2)
 
             f = evaluate_population(fitness, es.population)
-            grad, state, _ = es.tell(state, f)
+            grad, state, _ = es.tell(ctx, state, f)
             updates, opt_state = opt.update(grad, opt_state, params)
             return optax.apply_updates(params, updates), state, opt_state, f.mean()
 
         params = init_mlp(key, sizes)
-        carry = distributed.replicate((params, es.init(key, params), opt.init(params)))
+        ctx = distributed.replicate(es.setup(key, params))
+        carry = distributed.replicate((params, es.init(ctx), opt.init(params)))
         n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
         gen = jax.jit(generation)
-        comm = distributed.communication(gen, *carry, n_params=n_params)
+        comm = distributed.communication(gen, *carry, ctx, n_params=n_params)
         out[tag] = {"width": width, "num_params": int(n_params), **comm}
         if tag == "large":
             times = []
             for i in range(cfg["reps"] + 2):
                 t0 = time.perf_counter()
-                *carry, m = gen(*carry)
+                *carry, m = gen(*carry, ctx)
                 jax.block_until_ready(m)  # one sync per generation (CPU collectives)
                 if i >= 2:  # compile + one warm-up call
                     times.append(time.perf_counter() - t0)

@@ -29,7 +29,7 @@ one batch and in the generation's member chunks, and the faster is the baseline.
 work goes through `evaluate_population` on one device (chunked for T inputs and for OpenES:
 `chunk_t`, `openes_chunk`; OpenES gets the chunk that suits it). The generations donate their
 (params, opt_state, es_state) carry as a training loop would: without donation every call that
-returns the ES state copies its noise table.
+returns the ES state; the noise context (table) is a separate, never-returned argument.
 
     eggroll bench throughput --width 1024 --population 256
 """
@@ -175,8 +175,8 @@ def _divisor_chunk(n: int, chunk: int):
 def _population_forward(es, n: int, chunk):
     """Member m evaluates its perturbed MLP on x[m]; the noise is drawn inside the jit."""
 
-    def forward(params, state, x):
-        return evaluate_population(lambda m: mlp(params, x[m], es.noise(state, m)), n, chunk=chunk,
+    def forward(params, ctx, state, x):
+        return evaluate_population(lambda m: mlp(params, x[m], es.noise(ctx, state, m)), n, chunk=chunk,
                                    devices=_ONE_DEVICE())
 
     return jax.jit(forward)
@@ -200,10 +200,10 @@ def _plain_fitness(n: int, chunk):
 def _generation(es, opt, n: int, chunk):
     """One ES generation: population fitness (evaluate_population), es.tell, optax step."""
 
-    def generation(params, opt_state, state, x):
-        f = evaluate_population(lambda m: _fitness(mlp(params, x[m], es.noise(state, m))), n, chunk=chunk,
+    def generation(params, opt_state, state, ctx, x):
+        f = evaluate_population(lambda m: _fitness(mlp(params, x[m], es.noise(ctx, state, m))), n, chunk=chunk,
                                 devices=_ONE_DEVICE())
-        grads, state, _ = es.tell(state, f)
+        grads, state, _ = es.tell(ctx, state, f)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, state
 
@@ -234,14 +234,15 @@ def run(cfg: Config) -> dict:
 
     es = eggroll(n, cfg.sigma, cfg.rank, antithetic=cfg.antithetic, noise_source=cfg.noise_source,
                  table_size=table_size)
-    state = es.init(k_es, params)
+    ctx = es.setup(k_es, params)
+    state = es.init(ctx)
     opt = optax.adam(1e-3)
     opt_state = opt.init(params)
 
     chunk, chunk_t = _divisor_chunk(n, cfg.chunk), _divisor_chunk(n, cfg.chunk_t)
     infer = jax.jit(lambda p, x: mlp(p, x))
     forward = _population_forward(es, n, chunk)
-    update = jax.jit(lambda st, f: es.tell(st, f)[0])
+    update = jax.jit(lambda c, st, f: es.tell(c, st, f)[0])
     gen1 = _generation(es, opt, n, chunk)
     gen_t = _generation(es, opt, n, chunk_t)
 
@@ -249,15 +250,15 @@ def run(cfg: Config) -> dict:
     # state and the whole table through the caches) in its own
     fast = _interleaved({
         "inference_n": _call(infer, params, x1),
-        "population_forward": _call(forward, params, state, x1),
-        "update": _call(update, state, fitness),
+        "population_forward": _call(forward, params, ctx, state, x1),
+        "update": _call(update, ctx, state, fitness),
     }, cfg.reps, cfg.warmup, inner=cfg.inner)
-    fast.update(_interleaved({"generation_1": _step(gen1, _copy((params, opt_state, state)), x1)},
+    fast.update(_interleaved({"generation_1": _step(gen1, _copy((params, opt_state, state)), ctx, x1)},
                              cfg.reps, cfg.warmup, inner=cfg.inner))
     slow_units = {"inference_nt": _call(_plain_fitness(n, None), params, xt)}
     if chunk_t is not None:
         slow_units["inference_nt_chunked"] = _call(_plain_fitness(n, chunk_t), params, xt)
-    slow_units["generation_t"] = _step(gen_t, _copy((params, opt_state, state)), xt)
+    slow_units["generation_t"] = _step(gen_t, _copy((params, opt_state, state)), ctx, xt)
     slow = _interleaved(slow_units, cfg.reps_t, min(cfg.warmup, 1))
     timings = {**fast, **slow}
     ms = {k: v["median_ms"] for k, v in timings.items()}
@@ -295,21 +296,22 @@ def run(cfg: Config) -> dict:
         for src in sources:
             sfx = "" if src == cfg.noise_source else f"_{src}"
             oes = open_es(n, cfg.sigma, antithetic=cfg.antithetic, noise_source=src, table_size=table_size)
-            ostate = oes.init(k_es, params)
+            octx = oes.setup(k_es, params)
             ogen = _generation(oes, opt, n, _divisor_chunk(n, cfg.openes_chunk))
-            units = {f"openes_generation_1{sfx}": _step(ogen, _copy((params, opt_state, ostate)), x1)}
+            units = {f"openes_generation_1{sfx}": _step(ogen, _copy((params, opt_state, oes.init(octx))), octx, x1)}
             if sfx:  # EGGROLL with this noise source, timed on its own like generation_1
                 ees = eggroll(n, cfg.sigma, cfg.rank, antithetic=cfg.antithetic, noise_source=src,
                               table_size=table_size)
+                ectx = ees.setup(k_es, params)
                 cmp = _interleaved({f"eggroll_generation_1{sfx}": _step(
-                    _generation(ees, opt, n, chunk), _copy((params, opt_state, ees.init(k_es, params))), x1)},
+                    _generation(ees, opt, n, chunk), _copy((params, opt_state, ees.init(ectx))), ectx, x1)},
                     cfg.reps, cfg.warmup, inner=cfg.inner)
                 timings.update(cmp)
                 ms.update({k: v["median_ms"] for k, v in cmp.items()})
             else:
-                units["eggroll_generation_1_interleaved"] = _step(gen1, _copy((params, opt_state, state)), x1)
+                units["eggroll_generation_1_interleaved"] = _step(gen1, _copy((params, opt_state, state)), ctx, x1)
             cmp = _interleaved(units, cfg.openes_reps, min(cfg.warmup, 1))
-            del ostate
+            del octx
             timings.update(cmp)
             ms.update({k: v["median_ms"] for k, v in cmp.items()})
             den = "generation_1" if not sfx else f"eggroll_generation_1{sfx}"

@@ -25,7 +25,7 @@ it byte by byte (the reference the window form is tested against); callers vmap 
 streams. The hidden
 state is reset to zero whenever the *input* byte is 0 (the document separator), so each
 document is read from a fresh state. `noise` is a pytree of integer noise handles shaped like
-params (int8_strategy.member_noise) or None for the plain model.
+params (integer EGGROLL: int8_eggroll(...).noise) or None for the plain model.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import int8 as i8
-from .. import int8_strategy as ist
 
 VOCAB = 256
 MLP_MULT = 4
@@ -130,7 +129,7 @@ def _nz(noise, *path):
 
 
 def _lin(w, x, noise):
-    return ist.linear_acc(w, x, noise)
+    return i8.linear_acc(w, x, noise)
 
 
 def _gru_pre(wx, uh, shifts, arch):
@@ -152,7 +151,7 @@ def _gru_cell(p, wf_u, wh_u, h, bf, bh, n_uf, n_uh, shifts, arch):
 
 def gru(p, u, h, noise, shifts, arch: Arch = DEFAULT_ARCH):
     return _gru_cell(p, _lin(p["wf"], u, _nz(noise, "wf")), _lin(p["wh"], u, _nz(noise, "wh")), h,
-                     ist.vector(p["bf"], _nz(noise, "bf")), ist.vector(p["bh"], _nz(noise, "bh")),
+                     i8.vector(p["bf"], _nz(noise, "bf")), i8.vector(p["bh"], _nz(noise, "bh")),
                      _nz(noise, "uf"), _nz(noise, "uh"), shifts, arch)
 
 
@@ -194,7 +193,7 @@ def _gru_window(p, u, h, reset, noise, shifts, arch):
     byte. Integer arithmetic, so this equals `gru` applied byte by byte exactly."""
     wf_u = _lin(p["wf"], u, _nz(noise, "wf"))  # (T, d) int32
     wh_u = _lin(p["wh"], u, _nz(noise, "wh"))
-    bf, bh = ist.vector(p["bf"], _nz(noise, "bf")), ist.vector(p["bh"], _nz(noise, "bh"))
+    bf, bh = i8.vector(p["bf"], _nz(noise, "bf")), i8.vector(p["bh"], _nz(noise, "bh"))
     n_uf, n_uh = _nz(noise, "uf"), _nz(noise, "uh")
 
     def body(h, xs):
@@ -212,18 +211,18 @@ def window_logits(params, h, inputs, noise=None, arch: Arch = DEFAULT_ARCH):
     shifts = shape_of(params).shifts
     inputs = jnp.asarray(inputs, jnp.int32)
     reset = inputs == 0  # a separator starts a fresh document
-    x = ist.embed(params["embed"], inputs, _nz(noise, "embed"))  # (T, d)
+    x = i8.embed(params["embed"], inputs, _nz(noise, "embed"))  # (T, d)
     new_h = []
     for l, p in enumerate(params["layers"]):
         ln = _nz(noise, "layers", l)
-        u = i8.norm(x, ist.vector(p["ln1"], _nz(ln, "ln1")))
+        u = i8.norm(x, i8.vector(p["ln1"], _nz(ln, "ln1")))
         hl, hs = _gru_window(p, u, h[l], reset, ln, shifts, arch)
         new_h.append(hl)
         x = i8.sat(x.astype(jnp.int32) + hs)
         if "w1" in p:  # mlp_mult > 0
-            u = i8.norm(x, ist.vector(p["ln2"], _nz(ln, "ln2")))
+            u = i8.norm(x, i8.vector(p["ln2"], _nz(ln, "ln2")))
             x = i8.sat(x.astype(jnp.int32) + mlp(p, u, ln, shifts))
-    x = i8.norm(x, ist.vector(params["ln_out"], _nz(noise, "ln_out")))
+    x = i8.norm(x, i8.vector(params["ln_out"], _nz(noise, "ln_out")))
     logits = i8.sat(i8.shift_round(_lin(params["head"], x, _nz(noise, "head")), shifts["d"]))
     return logits, jnp.stack(new_h)
 

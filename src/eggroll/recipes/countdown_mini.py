@@ -51,9 +51,10 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..models import transformer as tfm
 from ..runlog import write_json
 from ..tasks.char_tokenizer import CharTokenizer
-from ..tasks.finetune import es_finetuner, evaluate_accuracy, grpo_finetuner, llm_kinds
+from ..baselines.grpo import grpo_finetuner
+from ..tasks.finetune import es_finetuner, evaluate_accuracy, llm_kinds
 from ..tasks.reasoning import CountdownSpec, countdown_task, solve_countdown
-from ..cli import flag
+from ..config import OPTIMIZERS, flag
 
 SPEC = CountdownSpec(min_numbers=3, max_numbers=3, min_value=1, max_value=10, min_target=1, max_target=100)
 TEMPLATE = "{numbers_str}>{target}:"
@@ -61,8 +62,9 @@ PROMPT_LEN = 13  # "10 10 10>100:"
 SFT_FIELDS = ("hidden", "layers", "sft_seed", "sft_problems", "sft_batch", "sft_lr", "sft_target",
               "sft_max_steps", "eval_problems")
 
+ES_OPTIMIZERS = ("adam", "sgd")  # of config.OPTIMIZERS
 
-_arg = flag  # Config field -> CLI flag (eggroll.cli.flag)
+_arg = flag  # Config field -> CLI flag (eggroll.config.flag)
 
 
 @dataclass
@@ -89,7 +91,7 @@ class Config:
     sigma: float = _arg(0.004, "EGGROLL noise scale")
     rank: int = _arg(1, "EGGROLL perturbation rank")
     es_lr: float = _arg(3e-4, "EGGROLL learning rate")
-    es_optimizer: str = _arg("adam", "EGGROLL optimizer", ("adam", "sgd"))
+    es_optimizer: str = _arg("adam", "EGGROLL optimizer", ES_OPTIMIZERS)
     perturb_embeddings: bool = _arg(True, "EGGROLL: low-rank noise on the embedding table too")
     # GRPO
     grpo_prompts: int = _arg(16, "GRPO prompts per step")
@@ -232,7 +234,7 @@ def finetune(cfg: Config, strategy: str, seed: int, params0, mcfg, tok, task, he
     """One fine-tuning run under the wall-clock budget -> its evaluation records."""
     key = jax.random.PRNGKey(seed)
     if strategy == "eggroll":
-        opt = (optax.adam if cfg.es_optimizer == "adam" else optax.sgd)(cfg.es_lr)
+        opt = OPTIMIZERS[cfg.es_optimizer](cfg.es_lr)
         ft = es_finetuner(mcfg, tok, task, opt, population=cfg.population, sigma=cfg.sigma,
                           rank=cfg.rank, kinds=llm_kinds(embeddings=cfg.perturb_embeddings),
                           prompt_len=PROMPT_LEN, max_new_tokens=cfg.max_new_tokens)

@@ -8,7 +8,7 @@ One generation is one jax.jit call, integer arithmetic only (its metrics are int
 population / group_size streams read tokens_per_update training bytes each (antithetic pairs
 share a stream); member m reads its stream with its own integer low-rank perturbation from its
 hidden state at the end of the previous generation (`models.egg.window_logprob`); fitness = sum
-of log2 p in 1/16-bit units; `int8_strategy.es_step` turns the fitnesses into ±1 steps that pass
+of log2 p in 1/16-bit units; integer EGGROLL (`int8_strategy.int8_eggroll`: its `tell`) turns the fitnesses into ±1 steps that pass
 a z-test at level alpha (schedule `level`), optionally on an integer momentum of the statistic.
 
 Every eval_every generations the plain model reads eval_bytes held-out bytes (eval_streams
@@ -23,26 +23,21 @@ See docs/EGG.md.
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import distributed, harness
 from .. import int8 as i8
 from .. import int8_strategy as ist
 from .. import noise as nz
-from ..checkpoint import load_checkpoint, save_checkpoint, config_mismatch
 from ..models import egg
 from ..population import evaluate_population
-from ..runlog import RunLog
-from ..cli import flag
+from ..config import flag
 
 TRAJECTORY_FIELDS = ("population", "layers", "width", "mlp_mult", "residual_init", "gru_shift", "rank", "sigma_shift",
                      "vector_sigma_shift", "alpha", "alpha_decay", "alpha_schedule", "vector_alpha", "update_stat",
@@ -50,11 +45,11 @@ TRAJECTORY_FIELDS = ("population", "layers", "width", "mlp_mult", "residual_init
                      "noise_seed", "generations", "noise_reuse", "table_size")
 
 
-_arg = flag  # Config field -> CLI flag (eggroll.cli.flag)
+_arg = flag  # Config field -> CLI flag (eggroll.config.flag)
 
 
 @dataclass
-class Config:
+class Config(harness.RunConfig):
     preset: str = _arg("", "start from a named recipe (paper: the paper's; round1: the first CPU defaults); "
                        "explicit flags override it", ("", "paper", "round1"))
     population: int = _arg(4096, "population size (a multiple of group_size and of the device count)")
@@ -83,7 +78,6 @@ class Config:
     seed: int = _arg(0, "random seed (initial weights; also the noise unless noise_seed is set)")
     noise_seed: int = _arg(-1, "seed of the perturbations alone (-1: from seed)")
     generations: int = _arg(15000, "generation budget")
-    time_limit: float = _arg(0.0, "stop after this many wall-clock seconds (0: no limit)")
     chunk: int = _arg(0, "members per vmap chunk on each device (0: automatic, at most 64; results do not depend on it)")
     noise_reuse: int = _arg(1, "refresh the noise every k generations (0: never)")
     table_size: int = _arg(0, "int8 noise table entries (0: automatic)")
@@ -93,8 +87,6 @@ class Config:
     eval_streams: int = _arg(64, "parallel held-out streams per evaluation")
     run_dir: str = _arg("runs/egg", "run directory")
     checkpoint_every: int = _arg(500, "checkpoint every k generations (0: only at the end)")
-    resume: bool = _arg(False, "continue from the run directory's checkpoint, if there is one")
-    progress: bool = _arg(True, "progress bar on stderr (shown only in a terminal)")
 
 
 # The paper's recipe (official nano-egg defaults, as we read the paper): 6 x 256, 100 bytes per
@@ -139,11 +131,8 @@ def validate(cfg: Config) -> Config:
          f"group_size must be even and >= 2 (antithetic pairs share data), got {cfg.group_size}")
     need(cfg.population >= 2 and cfg.population % cfg.group_size == 0,
          f"population {cfg.population} must be a positive multiple of group_size {cfg.group_size}")
-    n_dev = jax.device_count()  # the population mesh spans every device of every process
-    need(cfg.population % n_dev == 0, f"population {cfg.population} must be a multiple of the {n_dev} devices")
-    local = cfg.population // n_dev
-    need(cfg.chunk >= 0 and (cfg.chunk == 0 or local % cfg.chunk == 0),
-         f"chunk {cfg.chunk} must be 0 or divide the per-device population {local}")
+    harness.check_run_config(cfg)
+    harness.check_population(cfg.population, cfg.chunk)  # every device of every process
     need(1 <= cfg.rank <= cfg.width, f"rank must be in [1, width={cfg.width}], got {cfg.rank}")
     need(0 <= cfg.sigma_shift <= 12, f"sigma_shift must be in [0, 12], got {cfg.sigma_shift}")
     need(0 < cfg.alpha <= 1, f"alpha must be in (0, 1], got {cfg.alpha}")
@@ -152,23 +141,21 @@ def validate(cfg: Config) -> Config:
     # |fitness| <= tokens * 24 bits * 16 per member; the update's sum f^2 r must stay < 2^23
     need(cfg.population // 2 * ist.NORM_FITNESS_MAX ** 2 * cfg.rank < (1 << 23),
          f"population x rank too large for the int32 z-test ({cfg.population} x {cfg.rank})")
-    need(cfg.generations >= 0 and cfg.eval_every >= 1 and cfg.checkpoint_every >= 0,
-         "generations >= 0, eval_every >= 1 and checkpoint_every >= 0 required")
     need(cfg.eval_streams >= 1 and cfg.eval_bytes >= 1 and cfg.final_eval_bytes >= 0,
          "eval_streams >= 1, eval_bytes >= 1 and final_eval_bytes >= 0 required")
     need(0 <= cfg.vector_alpha <= 1, f"vector_alpha must be in [0, 1] (0: alpha), got {cfg.vector_alpha}")
     need(cfg.vector_sigma_shift == -1 or 0 <= cfg.vector_sigma_shift <= 12,
          f"vector_sigma_shift must be -1 (same as sigma_shift) or in [0, 12], got {cfg.vector_sigma_shift}")
     need(0 <= cfg.momentum_bits <= 12, f"momentum_bits must be in [0, 12], got {cfg.momentum_bits}")
-    need(cfg.noise_reuse >= 0 and cfg.table_size >= 0 and cfg.max_bytes >= 0 and cfg.time_limit >= 0,
-         "noise_reuse, table_size, max_bytes and time_limit must be >= 0")
+    need(cfg.noise_reuse >= 0 and cfg.table_size >= 0 and cfg.max_bytes >= 0,
+         "noise_reuse, table_size and max_bytes must be >= 0")
     return cfg
 
 
 class TrainState(NamedTuple):
     params: Any  # dict of int8 arrays
     hidden: jax.Array  # (population, layers, width) int8: each member's state, carried on
-    momentum: Any = None  # int32 tree shaped like params (momentum_bits > 0), else None
+    es_state: Any  # int8_strategy.IntESState: generation counter (+ integer momentum)
 
 
 class StepSpec(NamedTuple):
@@ -178,46 +165,40 @@ class StepSpec(NamedTuple):
     population: int
     group_size: int
     chunk: int
-    sigma_shift: int
-    vector_sigma_shift: int
-    fitness: str
-    var: int  # mean square of the noise-table entries
-    stat: str
-    momentum_bits: int
     arch: egg.Arch
+    noise: Callable  # es.noise / es.tell of an int8_eggroll: hashable, equal for equal settings
+    tell: Callable
 
 
-def generation(spec: StepSpec, plan, ts: TrainState, tokens, gen, z16, k_noise, table):
-    """One generation, integer only: (state, tokens (streams, T + 1) uint8, generation,
-    z16 = (matrix, vector) round(16 z) of this generation's levels) -> (state, integer metrics)."""
+def generation(spec: StepSpec, ts: TrainState, tokens, ctx):
+    """One generation, integer only: (state, tokens (streams, T + 1) uint8, noise context)
+    -> (state, integer metrics)."""
     def member(m):
-        noise = ist.member_noise(plan, k_noise, table, gen, m, spec.sigma_shift, spec.vector_sigma_shift)
+        noise = spec.noise(ctx, ts.es_state, m)
         h, s, _ = egg.window_logprob(ts.params, ts.hidden[m], tokens[m // spec.group_size], noise, spec.arch)
         return s, h
 
     fit, hidden = evaluate_population(member, spec.population, chunk=spec.chunk or None)
-    up = ist.es_step(plan, k_noise, table, gen, ts.params, fit, mode=spec.fitness, z16=z16[0], var=spec.var,
-                     stat=spec.stat, momentum=ts.momentum, momentum_bits=spec.momentum_bits, vector_z16=z16[1])
-    metrics = {"fitness_sum": jnp.sum(fit), "fitness_max": jnp.max(fit), "moved": up.moved,
-               "moved_leaves": jnp.stack(up.moved_leaves), "pairs_nonzero": jnp.sum(up.pair_fitness != 0)}
-    return TrainState(up.params, hidden, up.momentum if spec.momentum_bits else None), metrics
+    steps, es_state, m = spec.tell(ctx, ts.es_state, fit)
+    metrics = {"fitness_sum": jnp.sum(fit), "fitness_max": jnp.max(fit), **m}
+    return TrainState(i8.apply_steps(ts.params, steps), hidden, es_state), metrics
 
 
-_generation_jit = jax.jit(generation, static_argnums=(0, 1), donate_argnums=2)
+_generation_jit = jax.jit(generation, static_argnums=0, donate_argnums=1)
 _heldout_bits = jax.jit(egg.heldout_bits, static_argnums=2)
 
 
-class Train(NamedTuple):
+class Parts(NamedTuple):
+    """The pieces of a run (benches and tests use them directly; `make_train` hands them to the harness)."""
+
     cfg: Config
     splits: Any  # tasks.text.ByteSplits
-    plan: nz.NoisePlan
-    table: jax.Array  # int8 noise table
+    es: Any  # the int8_eggroll strategy
+    ctx: nz.NoiseContext  # its noise context: int8 table, plan, threshold schedule (constant)
     init: Callable[[], TrainState]
     batch: Callable[[int], np.ndarray]  # generation -> (streams, T + 1) uint8
-    z16: Callable[[int], tuple]  # generation -> (matrix, vector) round(16 z) of that generation's levels
-    step: Callable  # (TrainState, tokens, generation, z16) -> (TrainState, int metrics)
+    step: Callable  # (TrainState, tokens) -> (TrainState, int metrics)
     spec: StepSpec
-    k_noise: jax.Array
     evaluate: Callable  # (params, windows) -> held-out bits/byte (float)
     eval_windows: np.ndarray  # (eval_streams, n_windows, T + 1) uint8, periodic evaluation
     leaf_names: list  # tree_leaves order, for the per-leaf metrics
@@ -234,52 +215,57 @@ def level(cfg: Config, alpha: float, gen: int) -> float:
     return ist.alpha_at(alpha, cfg.alpha_decay, gen, cfg.generations, cfg.alpha_schedule)
 
 
-def make_train(cfg: Config, splits=None) -> Train:
-    """The pieces of a run. `splits` (tasks.text.ByteSplits) overrides loading cfg.dataset."""
+def make_strategy(cfg: Config):
+    """The integer EGGROLL strategy of a (resolved) config; its z-test levels follow `level`."""
+    vector_shift = cfg.sigma_shift if cfg.vector_sigma_shift < 0 else cfg.vector_sigma_shift
+    return ist.int8_eggroll(
+        cfg.population, 2.0 ** -cfg.sigma_shift, cfg.rank, vector_sigma=2.0 ** -vector_shift,
+        alpha=lambda g: level(cfg, cfg.alpha, g), vector_alpha=lambda g: level(cfg, cfg.vector_alpha or cfg.alpha, g),
+        generations=cfg.generations, fitness=cfg.fitness, stat=cfg.update_stat, momentum_bits=cfg.momentum_bits,
+        noise_reuse=cfg.noise_reuse, table_size=cfg.table_size or None)
+
+
+def build(cfg: Config, splits=None) -> Parts:
+    """The pieces of a run. `splits` (tasks.text.ByteSplits) overrides loading cfg.dataset.
+    Every array is replicated over every device of every process (`distributed.replicate`)."""
     cfg = validate(resolve(cfg))
     from ..tasks.heldout import heldout_windows
     from ..tasks.text import load_corpus, stream_windows
 
-    if splits is None:
-        splits = load_corpus(cfg.dataset, cfg.cache_dir or None, max_bytes=cfg.max_bytes or None)
+    if splits is None:  # process 0 converts the corpus into the cache first; the others then read it
+        splits = distributed.main_first(
+            lambda: load_corpus(cfg.dataset, cfg.cache_dir or None, max_bytes=cfg.max_bytes or None))
     if len(splits.train) < 2 or len(splits.valid) < 2:
         raise ValueError("the corpus needs at least 2 bytes in train and valid")
     k_params, k_noise = jax.random.split(jax.random.PRNGKey(cfg.seed))
     if cfg.noise_seed >= 0:
         k_noise = jax.random.fold_in(jax.random.PRNGKey(cfg.noise_seed), 0x5EED)
-    k_noise = jax.random.key_data(k_noise) if jnp.issubdtype(k_noise.dtype, jax.dtypes.prng_key) else k_noise
     params0 = egg.init_egg(k_params, cfg.layers, cfg.width, cfg.residual_init, cfg.mlp_mult)
-    plan = ist.make_plan(params0, cfg.rank, cfg.noise_reuse)
-    n_pairs, n_streams = cfg.population // 2, cfg.population // cfg.group_size
-    table = ist.make_table(k_noise, nz.required_table_size(plan, cfg.table_size or None, n_pairs))
-    var = ist.table_variance(table)
-    vshift = cfg.sigma_shift if cfg.vector_sigma_shift < 0 else cfg.vector_sigma_shift
+    n_streams = cfg.population // cfg.group_size
+    es = make_strategy(cfg)
+    place = distributed.replicate
+    ctx = place(es.setup(k_noise, params0))
     spec = StepSpec(cfg.population, cfg.group_size, cfg.chunk or auto_chunk(cfg.population // jax.device_count()),
-                    cfg.sigma_shift, vshift, cfg.fitness, var,
-                    cfg.update_stat, cfg.momentum_bits, egg.Arch(cfg.gru_shift))
+                    egg.Arch(cfg.gru_shift), es.noise, es.tell)
 
-    def step(ts, tokens, gen, z16):
-        return _generation_jit(spec, plan, ts, jnp.asarray(tokens), jnp.int32(gen),
-                               (jnp.int32(z16[0]), jnp.int32(z16[1])), k_noise, table)
+    def step(ts, tokens):
+        return _generation_jit(spec, place(ts), place(jnp.asarray(tokens)), ctx)
 
     def evaluate(params, windows):
-        return float(_heldout_bits(params, jnp.asarray(windows), spec.arch)) / windows[..., 1:].size
+        bits = _heldout_bits(place(params), place(jnp.asarray(windows)), spec.arch)
+        return float(bits) / windows[..., 1:].size
 
     def batch(gen):
         return stream_windows(splits.train, n_streams, cfg.tokens_per_update, gen, overlap=1)
 
-    def z16(gen):
-        return (ist.z16_of_alpha(level(cfg, cfg.alpha, gen)),
-                ist.z16_of_alpha(level(cfg, cfg.vector_alpha or cfg.alpha, gen)))
-
     def init():
         hidden = jnp.zeros((cfg.population, cfg.layers, cfg.width), jnp.int8)
-        return TrainState(params0, hidden, ist.zero_momentum(params0, plan) if cfg.momentum_bits else None)
+        return place(TrainState(params0, hidden, es.init(ctx)))
 
     flat = jax.tree_util.tree_flatten_with_path(params0)[0]
     names = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in flat]
     eval_windows = heldout_windows(np.asarray(splits.valid), cfg.eval_bytes, cfg.eval_streams)
-    return Train(cfg, splits, plan, table, init, batch, z16, step, spec, k_noise, evaluate, eval_windows,
+    return Parts(cfg, splits, es, ctx, init, batch, step, spec, evaluate, eval_windows,
                  names, [int(np.size(x)) for _, x in flat])
 
 
@@ -291,10 +277,10 @@ def baselines(splits, windows) -> dict:
     return ngram_bits_on_windows(splits.train, windows)
 
 
-def leaf_metrics(train: Train, moved_leaves) -> dict:
+def leaf_metrics(train: Parts, moved_leaves) -> dict:
     """Fractions of entries moved this generation: per leaf, and pooled over matrices / vectors."""
     out, pooled = {}, {"matrices": [0, 0], "vectors": [0, 0]}
-    for name, size, leaf, m in zip(train.leaf_names, train.leaf_sizes, train.plan.leaves, moved_leaves):
+    for name, size, leaf, m in zip(train.leaf_names, train.leaf_sizes, train.ctx.plan.leaves, moved_leaves):
         if leaf.kind == nz.FROZEN:
             continue
         out[f"moved_frac/{name}"] = int(m) / size
@@ -305,99 +291,65 @@ def leaf_metrics(train: Train, moved_leaves) -> dict:
     return out
 
 
-def _restore(cfg: Config, ckpt_dir: Path, state: TrainState):
-    if not (cfg.resume and (ckpt_dir / "arrays.safetensors").exists()):
-        if cfg.resume:
-            print(f"[egg] --resume: no checkpoint in {ckpt_dir}, starting from scratch", file=sys.stderr)
-        return state, {}
-    saved = json.loads((ckpt_dir / "meta.json").read_text()).get("metadata", {})
-    bad = config_mismatch(cfg, saved.get("config", {}), TRAJECTORY_FIELDS)
-    if bad:
-        raise ValueError(f"cannot resume {ckpt_dir}: the config differs in fields that change "
-                         f"training ({'; '.join(bad)}); use the original values or a new run_dir")
-    tree, meta = load_checkpoint(ckpt_dir, state._asdict())
-    return TrainState(**tree), meta
+def make_train(cfg: Config, splits=None) -> harness.Train:
+    """The run for the harness: one generation per step, held-out bits/byte (and the n-gram
+    baselines on the same bytes) as the evaluation, the whole valid split in the summary."""
+    parts = build(cfg, splits)
+    cfg = parts.cfg
+    base = baselines(parts.splits, parts.eval_windows)
+    lines = {"bigram_valid": base["bigram"], "unigram_valid": base["unigram"]}
+    n_tok = cfg.population // cfg.group_size * cfg.tokens_per_update
+
+    def step(state, gen):
+        state, m = parts.step(state, parts.batch(gen))
+        m = jax.device_get(m)
+        return state, {"train_bits_per_byte": -float(m["fitness_sum"]) / (16 * cfg.population * cfg.tokens_per_update),
+                       "moved": int(m["moved"]), "pairs_nonzero": int(m["pairs_nonzero"]),
+                       "alpha": level(cfg, cfg.alpha, gen), "train_bytes": (gen + 1) * n_tok,
+                       **leaf_metrics(parts, m["moved_leaves"])}
+
+    def evaluate(state, gen):
+        return {"valid_bits_per_byte": parts.evaluate(state.params, parts.eval_windows), **lines}
+
+    def communication(state):  # measured from the compiled generation: fitness + carried hidden states
+        place = distributed.replicate
+        n_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(state.params))
+        return distributed.communication(_generation_jit, parts.spec, place(state), place(jnp.asarray(parts.batch(0))),
+                                         parts.ctx, n_params=n_params)
+
+    return harness.Train(
+        name="egg", init=parts.init, step=step, evaluate=evaluate, trajectory=TRAJECTORY_FIELDS,
+        title=f"EGG int8 L{cfg.layers} d{cfg.width}, population {cfg.population}",
+        plot_keys=[("valid_bits_per_byte", "train_bits_per_byte", "bigram_valid", "unigram_valid"),
+                   ("moved_frac_matrices", "moved_frac_vectors")],
+        postfix_keys=["valid_bits_per_byte", "train_bits_per_byte"],
+        summary=lambda state, result: final_result(cfg, parts, state, result, base), communication=communication,
+        # with a constant alpha the budget does not change the trajectory: a resume may extend it
+        canonical=lambda k, v: None if k == "generations" and cfg.alpha_decay == 0 else v)
 
 
 def run(cfg: Config, splits=None) -> dict:
-    """Train with logging and checkpoints; returns the final summary dict."""
-    t0 = time.perf_counter()
-    train = make_train(cfg, splits)  # resolves the preset and validates
-    cfg, run_dir = train.cfg, Path(train.cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoint"
-    state, meta = _restore(cfg, ckpt_dir, train.init())
-    start = int(meta.get("generation", 0))
-    base = baselines(train.splits, train.eval_windows)
-    lines = {"bigram_valid": base["bigram"], "unigram_valid": base["unigram"]}
-    log = RunLog(run_dir, total=cfg.generations, resume_from=start if meta else None, wall_offset=meta.get("wall_s"),
-                 plot_keys=[("valid_bits_per_byte", "train_bits_per_byte", "bigram_valid", "unigram_valid"),
-                            ("moved_frac_matrices", "moved_frac_vectors")],
-                 postfix_keys=["valid_bits_per_byte", "train_bits_per_byte"],
-                 progress=None if cfg.progress else False, desc="egg",
-                 title=f"EGG int8 L{cfg.layers} d{cfg.width}, population {cfg.population}", start_time=t0)
-    log.write_json("config", dataclasses.asdict(cfg))
-    gen = start
-    valid, valid_gen = meta.get("valid_bits_per_byte"), meta.get("valid_generation")
-    if not meta:
-        valid, valid_gen = train.evaluate(state.params, train.eval_windows), 0
-        log.log(0, {"valid_bits_per_byte": valid, **lines})
-    n_tok = cfg.population // cfg.group_size * cfg.tokens_per_update
-
-    def checkpoint():
-        save_checkpoint(ckpt_dir, state._asdict(),
-                        {"generation": gen, "wall_s": log.elapsed, "valid_bits_per_byte": valid,
-                         "valid_generation": valid_gen, "config": dataclasses.asdict(cfg)})
-
-    try:
-        while gen < cfg.generations:
-            if cfg.time_limit and log.elapsed >= cfg.time_limit:
-                log.print(f"[egg] time limit {cfg.time_limit} s reached at generation {gen}")
-                break
-            state, m = train.step(state, train.batch(gen), gen, train.z16(gen))
-            gen += 1
-            m = jax.device_get(m)
-            rec = {"train_bits_per_byte": -float(m["fitness_sum"]) / (16 * cfg.population * cfg.tokens_per_update),
-                   "moved": int(m["moved"]), "pairs_nonzero": int(m["pairs_nonzero"]),
-                   "alpha": level(cfg, cfg.alpha, gen - 1), "train_bytes": gen * n_tok,
-                   **leaf_metrics(train, m["moved_leaves"])}
-            if gen % cfg.eval_every == 0 or gen == cfg.generations:
-                valid, valid_gen = train.evaluate(state.params, train.eval_windows), gen
-                rec.update(valid_bits_per_byte=valid, **lines)
-            log.log(gen, rec)
-            if gen == cfg.generations or (cfg.checkpoint_every and gen % cfg.checkpoint_every == 0):
-                checkpoint()
-        if valid_gen != gen:
-            valid, valid_gen = train.evaluate(state.params, train.eval_windows), gen
-            log.log(gen, {"valid_bits_per_byte": valid, **lines})
-        checkpoint()
-        result = final_result(cfg, train, state, valid, base, log, gen * n_tok, t0)
-        result["generations"] = gen
-        log.write_json("result", result)
-    finally:
-        log.close()
-    return result
+    """Train with the harness (logging, checkpoints, --resume); returns the final summary dict."""
+    cfg = validate(resolve(cfg))
+    return harness.run(cfg, lambda c: make_train(c, splits))
 
 
-def final_result(cfg: Config, train: Train, state: TrainState, valid: float, base: dict, log, train_bytes, t0):
+def final_result(cfg: Config, parts: Parts, state: TrainState, result: dict, base: dict) -> dict:
     """The summary: the final model on final_eval_bytes of valid (0: all of it) beside the
     n-gram baselines on exactly those bytes, and the periodic figure on eval_bytes."""
     from ..tasks.heldout import heldout_windows
 
-    final_windows = heldout_windows(np.asarray(train.splits.valid), cfg.final_eval_bytes, cfg.eval_streams)
-    final_base = baselines(train.splits, final_windows)
-    final = train.evaluate(state.params, final_windows)
+    final_windows = heldout_windows(np.asarray(parts.splits.valid), cfg.final_eval_bytes, cfg.eval_streams)
+    final_base = baselines(parts.splits, final_windows)
+    final = parts.evaluate(state.params, final_windows)
     return {
         "valid_bits_per_byte": final,
         "bigram_valid_bits_per_byte": final_base["bigram"],
         "unigram_valid_bits_per_byte": final_base["unigram"],
         "valid_bytes": final_base["bytes"],
         "beats_bigram": bool(final < final_base["bigram"]),
-        "eval_bits_per_byte": valid, "bigram_eval_bits_per_byte": base["bigram"],
+        "eval_bits_per_byte": result["valid_bits_per_byte"], "bigram_eval_bits_per_byte": base["bigram"],
         "unigram_eval_bits_per_byte": base["unigram"], "eval_bytes": base["bytes"],
         "population": cfg.population,
-        "train_bytes": train_bytes,
-        "wall_s": round(log.elapsed, 3),
-        "session_wall_s": round(time.perf_counter() - t0, 3),
-        "num_params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params))),
-        "run_dir": str(cfg.run_dir),
+        "train_bytes": result["generations"] * cfg.population // cfg.group_size * cfg.tokens_per_update,
     }

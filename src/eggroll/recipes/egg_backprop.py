@@ -43,7 +43,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint, config_mismatch
 from ..runlog import RunLog
 from ..tasks.heldout import heldout_windows, ngram_bits_on_windows
 from ..tasks.text import load_corpus, ngram_bits_per_byte, stream_windows
-from ..cli import flag
+from ..config import flag
 
 EGG_EVAL_STREAMS, EGG_EVAL_BYTES = 64, 65536  # recipes/egg.py defaults eval_streams, eval_bytes
 # Config fields that change the training trajectory: a resumed run must match them.
@@ -51,7 +51,7 @@ TRAJECTORY_FIELDS = ("dataset", "max_bytes", "text_column", "layers", "width", "
                      "seq_len", "steps", "lr", "warmup", "clip", "weight_decay", "seed")
 
 
-_arg = flag  # Config field -> CLI flag (eggroll.cli.flag)
+_arg = flag  # Config field -> CLI flag (eggroll.config.flag)
 
 
 @dataclass

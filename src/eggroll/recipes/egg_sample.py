@@ -8,27 +8,29 @@ stops early at a separator byte 0. The last line is a JSON object (the CLI conve
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, read_metadata
+from ..int8_strategy import IntESState
+from .egg import TrainState
+from ..config import flag
 from ..models import egg
 
 
 @dataclass
 class Config:
-    checkpoint: str = field(default="runs/egg", metadata={"help": "run directory or its checkpoint/ directory"})
-    prompt: str = field(default="def ", metadata={"help": "text to continue"})
-    length: int = field(default=200, metadata={"help": "bytes to generate"})
-    temperature: float = field(default=0.8, metadata={"help": "sampling temperature (0: greedy)"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
-    quiet: bool = field(default=False, metadata={"help": "do not print the text before the JSON line"})
+    checkpoint: str = flag("runs/egg", "run directory or its checkpoint/ directory")
+    prompt: str = flag("def ", "text to continue")
+    length: int = flag(200, "bytes to generate")
+    temperature: float = flag(0.8, "sampling temperature (0: greedy)")
+    seed: int = flag(0, "sampling seed")
+    quiet: bool = flag(False, "do not print the text before the JSON line")
 
 
 def load_model(path) -> tuple[dict, dict]:
@@ -38,17 +40,18 @@ def load_model(path) -> tuple[dict, dict]:
     if not (ckpt / "meta.json").exists():
         raise FileNotFoundError(f"no EGG checkpoint at {path} (expected meta.json and arrays.safetensors; "
                                 "train one with `eggroll train egg`)")
-    meta = json.loads((ckpt / "meta.json").read_text())["metadata"]
+    meta = read_metadata(ckpt)
     cfg = meta.get("config", {})
     if "width" not in cfg or "layers" not in cfg:
         raise ValueError(f"{ckpt} is not an EGG checkpoint (its config has no layers/width)")
     params = egg.init_egg(jax.random.PRNGKey(0), cfg["layers"], cfg["width"], mlp_mult=cfg.get("mlp_mult", egg.MLP_MULT))
     hidden = jnp.zeros((cfg["population"], cfg["layers"], cfg["width"]), jnp.int8)
-    template = {"params": params, "hidden": hidden}
-    if cfg.get("momentum_bits"):  # the integer momentum is saved beside the params
-        template["momentum"] = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.int32), params)
+    momentum = None  # the integer momentum is saved beside the params
+    if cfg.get("momentum_bits"):
+        momentum = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.int32), params)
+    template = TrainState(params, hidden, IntESState(jnp.zeros((), jnp.int32), momentum))
     tree, meta = load_checkpoint(ckpt, template)
-    return tree["params"], meta
+    return tree.params, meta
 
 
 def arch_of(meta: dict) -> egg.Arch:

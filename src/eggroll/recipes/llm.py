@@ -32,22 +32,23 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 
 from ..checkpoint import load_checkpoint, save_checkpoint, config_mismatch
 from ..runlog import RunLog
 from ..tasks.diagnostics import NoSignalMonitor
-from ..tasks.finetune import es_finetuner, evaluate_accuracy, grpo_finetuner, llm_kinds
+from ..baselines.grpo import grpo_finetuner
+from ..tasks.finetune import es_finetuner, evaluate_accuracy, llm_kinds
 from ..tasks.reasoning import CountdownSpec, countdown_task, gsm8k_examples, gsm8k_task
-from ..cli import flag
+from ..config import OPTIMIZERS, flag
 
 TRAJECTORY_FIELDS = ("model", "task", "strategy", "seed", "population", "prompts", "sigma", "rank", "lr",
                      "optimizer", "group_size", "temperature", "clip_eps", "kl_coef", "minibatches",
                      "max_new_tokens", "max_prompt_tokens", "template", "chat", "perturb_embeddings",
                      "perturb_head", "countdown_numbers", "data_path")
 
+LLM_OPTIMIZERS = ("adam", "sgd")  # of config.OPTIMIZERS
 
-_arg = flag  # Config field -> CLI flag (eggroll.cli.flag)
+_arg = flag  # Config field -> CLI flag (eggroll.config.flag)
 
 
 @dataclass
@@ -76,7 +77,7 @@ class Config:
     minibatches: int = _arg(1, "GRPO minibatches per update")
     # shared
     lr: float = _arg(1e-4, "learning rate")
-    optimizer: str = _arg("adam", "optax optimizer", ("adam", "sgd"))
+    optimizer: str = _arg("adam", "optax optimizer", LLM_OPTIMIZERS)
     countdown_numbers: str = _arg("3,4", "countdown: min,max numbers per problem")
     data_path: str = _arg("", "gsm8k: local JSONL (question, answer) or HF dataset id; empty: openai/gsm8k")
     eval_every: int = _arg(10, "validate every k steps")
@@ -104,7 +105,7 @@ def validate(cfg: Config) -> Config:
          "prompts, eval_every, eval_problems must be >= 1 and steps >= 0")
     need(cfg.max_new_tokens >= 1 and cfg.max_prompt_tokens >= 1, "max_new_tokens and max_prompt_tokens must be >= 1")
     need(cfg.sigma > 0 and cfg.lr > 0 and cfg.temperature > 0, "sigma, lr and temperature must be > 0")
-    need(cfg.optimizer in ("adam", "sgd"), f"optimizer must be adam or sgd, got {cfg.optimizer!r}")
+    need(cfg.optimizer in LLM_OPTIMIZERS, f"optimizer must be adam or sgd, got {cfg.optimizer!r}")
     _ = countdown_sizes(cfg)
     return cfg
 
@@ -172,7 +173,7 @@ def step_examples(task, cfg: Config, step: int) -> list:
 
 
 def make_finetuner(cfg: Config, mcfg, tok, task, params):
-    opt = (optax.adam if cfg.optimizer == "adam" else optax.sgd)(cfg.lr)
+    opt = OPTIMIZERS[cfg.optimizer](cfg.lr)
     if cfg.strategy == "eggroll":
         return es_finetuner(mcfg, tok, task, opt, population=cfg.population, sigma=cfg.sigma, rank=cfg.rank,
                             kinds=llm_kinds(embeddings=cfg.perturb_embeddings, head=cfg.perturb_head),

@@ -38,14 +38,13 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
+from .. import distributed
 from ..checkpoint import save_checkpoint
 from ..models.mlp import ACTIVATIONS, init_mlp
-from ..population import population_mesh
 from ..runlog import RunLog, write_json
 from ..shaping import SHAPINGS
-from ..strategy import STRATEGIES
+from ..strategy import make_strategy
 from ..tasks import rl as rlt
 from ..cli import flag
 
@@ -183,9 +182,9 @@ def validate(cfg: Config, hp: dict) -> None:
              f"num_envs * rollout_len ({hp['num_envs'] * hp['rollout_len']}) must be divisible by "
              f"minibatches ({hp['minibatches']})")
         return
-    pop, n_dev = hp["population"], jax.local_device_count()
+    pop, n_dev = hp["population"], jax.device_count()  # every device of every process
     need(pop >= 2 and pop % 2 == 0, f"population must be an even integer >= 2 (antithetic pairs), got {pop}")
-    need(pop % n_dev == 0, f"population {pop} must be a multiple of the {n_dev} local devices")
+    need(pop % n_dev == 0, f"population {pop} must be a multiple of the {n_dev} devices")
     need(cfg.chunk == 0 or (pop // n_dev) % cfg.chunk == 0,
          f"chunk {cfg.chunk} must be 0 or divide the per-device population {pop // n_dev}")
     need(math.isfinite(hp["sigma"]) and hp["sigma"] > 0, f"sigma must be > 0, got {hp['sigma']}")
@@ -196,18 +195,7 @@ def validate(cfg: Config, hp: dict) -> None:
     need(hp["rank"] >= 1, f"rank must be >= 1, got {hp['rank']}")
 
 
-class Trainer(NamedTuple):
-    """What both ES and PPO provide: one compile, any number of seeds."""
-
-    env: rlt.Env
-    init: Callable  # seed -> state
-    step: Callable  # state -> (state, metrics incl. "env_steps")
-    evaluate: Callable  # (state, key) -> (eval_episodes,) returns of the deterministic policy
-    params: Callable  # state -> policy params (for checkpoints)
-    num_params: int
-
-
-class ESState(NamedTuple):
+class ESTrainState(NamedTuple):
     params: Any
     opt_state: Any
     es_state: Any
@@ -215,69 +203,62 @@ class ESState(NamedTuple):
 
 
 def make_es_trainer(env: rlt.Env, strategy: str, hp: dict, budget_steps: int, chunk: int = 0,
-                    eval_episodes: int = 16) -> Trainer:
+                    eval_episodes: int = 16) -> rlt.Trainer:
     sizes = rlt.policy_sizes(env, hp["hidden"])
     if strategy == "eggroll" and hp["rank"] > min(sizes):
         raise ValueError(f"rank {hp['rank']} exceeds the smallest weight-matrix dimension {min(sizes)} ({sizes})")
     kw = {"antithetic": True, "shaping": hp["shaping"]}
-    es = (STRATEGIES["eggroll"](hp["population"], hp["sigma"], hp["rank"], **kw) if strategy == "eggroll"
-          else STRATEGIES[strategy](hp["population"], hp["sigma"], **kw))
+    es = make_strategy(strategy, hp["population"], hp["sigma"], hp["rank"], **kw)
+    context: dict = {}  # this seed's noise context (constant for the run): made by init, never in the state
     # lr decays linearly to lr * lr_decay over the generations a budget of full-length episodes allows
     gens = max(1, budget_steps // (hp["population"] * hp["episodes"] * env.horizon))
     sched = optax.linear_schedule(hp["lr"], hp["lr"] * hp["lr_decay"], gens)
     optimizer = OPTIMIZERS[hp["optimizer"]](sched)
     act = hp["activation"]
 
-    def generation(ts: ESState):
+    def generation(ts: ESTrainState, ctx):
         rng, k_gen = jax.random.split(ts.rng)
-        fitness, steps = rlt.population_fitness(env, es, ts.es_state, ts.params, k_gen, episodes=hp["episodes"],
+        fitness, steps = rlt.population_fitness(env, es, ctx, ts.es_state, ts.params, k_gen, episodes=hp["episodes"],
                                                 activation=act, chunk=chunk or None)
-        grad, es_state, metrics = es.tell(ts.es_state, fitness)
+        grad, es_state, metrics = es.tell(ctx, ts.es_state, fitness)
         updates, opt_state = optimizer.update(grad, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
         metrics = {**metrics, "env_steps": steps.sum()}
-        # the noise table never changes: keep it out of the outputs (XLA would copy it every call)
-        return ESState(params, opt_state, es_state.replace(table=None), rng), metrics
+        return ESTrainState(params, opt_state, es_state, rng), metrics
 
     def init_params(seed):
         key = jax.random.PRNGKey(seed)
         params = init_mlp(jax.random.fold_in(key, 0), sizes)
         return params, optimizer.init(params)
 
-    if jax.local_device_count() > 1:
-        replicated = NamedSharding(population_mesh(), PartitionSpec())
-        place = lambda tree: jax.device_put(tree, replicated)
-    else:
-        place = lambda tree: tree
+    place = distributed.replicate  # every array replicated over every device of every process
     gen_jit, init_jit = jax.jit(generation), jax.jit(init_params)
     eval_jit = jax.jit(lambda p, k: rlt.evaluate_policy(env, p, k, eval_episodes, act))
 
     def init(seed):
         params, opt_state = init_jit(seed)
         key = jax.random.PRNGKey(seed)
-        return place(ESState(params, opt_state, es.init(jax.random.fold_in(key, 1), params),
-                             jax.random.fold_in(key, 2)))
+        context["ctx"] = place(es.setup(jax.random.fold_in(key, 1), params))
+        return place(ESTrainState(params, opt_state, es.init(context["ctx"]), jax.random.fold_in(key, 2)))
 
     def step(ts):
-        ts = place(ts)
-        new, metrics = gen_jit(ts)
-        return new._replace(es_state=new.es_state.replace(table=ts.es_state.table)), metrics
+        return gen_jit(place(ts), context["ctx"])
 
     n_params = sum(a * b + a for a, b in zip(sizes[1:], sizes[:-1]))
-    return Trainer(env, init, step, lambda ts, k: eval_jit(place(ts.params), k), lambda ts: ts.params, n_params)
+    return rlt.Trainer(env, init, step, lambda ts, k: eval_jit(place(ts.params), k), lambda ts: ts.params, n_params)
 
 
-def make_trainer(cfg: Config, hp: dict | None = None) -> Trainer:
+def make_trainer(cfg: Config, hp: dict | None = None) -> rlt.Trainer:
     hp = hp or resolve(cfg)
     validate(cfg, hp)
     env = rlt.make_env(cfg.env, max_steps=hp["max_steps"] or None)
     if cfg.strategy == "ppo":
         from ..baselines.ppo import make_ppo_trainer
-        return make_ppo_trainer(env, hp, cfg.eval_episodes, Trainer)
+        return make_ppo_trainer(env, hp, cfg.eval_episodes)
     return make_es_trainer(env, cfg.strategy, hp, cfg.budget_steps, cfg.chunk, cfg.eval_episodes)
 
 
-def warm_up(trainer: Trainer, seed: int = 0) -> float:
+def warm_up(trainer: rlt.Trainer, seed: int = 0) -> float:
     """Compile init / step / evaluate once (a throwaway generation); returns the seconds spent."""
     t0 = time.perf_counter()
     state = trainer.init(seed)
@@ -290,7 +271,7 @@ def warm_up(trainer: Trainer, seed: int = 0) -> float:
     return time.perf_counter() - t0
 
 
-def train_seed(trainer: Trainer, cfg: Config, seed: int, run_dir: Path, on_eval: Callable | None = None) -> dict:
+def train_seed(trainer: rlt.Trainer, cfg: Config, seed: int, run_dir: Path, on_eval: Callable | None = None) -> dict:
     """Train one seed until the budget is spent. metrics.jsonl holds eval_return against env_steps
     and train_s (training wall clock: evaluations excluded; call warm_up first so compilation is too)."""
     eval_key = jax.random.fold_in(jax.random.PRNGKey(seed), 10**6)

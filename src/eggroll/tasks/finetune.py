@@ -1,4 +1,4 @@
-"""One harness for LLM fine-tuning with verifiable rewards: EGGROLL and GRPO side by side.
+"""LLM fine-tuning with verifiable rewards, the EGGROLL side (GRPO: `baselines.grpo.grpo_finetuner`).
 
 Both fine-tuners take the same params (float32 master weights), tokenizer adapter and Task,
 generate with `eggroll.sampling.generate`, score decoded text with the task's reward and log the
@@ -30,8 +30,7 @@ import numpy as np
 import optax
 
 from .. import noise as nz
-from ..baselines import grpo as grpo_mod
-from ..sampling import generate
+from ..sampling import decode_rows, generate
 from ..strategy import eggroll
 from .diagnostics import generation_diagnostics
 from .reasoning import Task
@@ -53,10 +52,6 @@ def llm_kinds(*, embeddings: bool = False, head: bool = False, vectors: str = "f
         return nz.LOWRANK
 
     return kind
-
-
-def decode_rows(tokenizer, tokens) -> list[str]:
-    return [tokenizer.decode(row) for row in np.asarray(tokens)]
 
 
 def evaluate_accuracy(params, cfg, tokenizer, task: Task, examples: Sequence[dict], *, prompt_len: int,
@@ -82,11 +77,7 @@ class _Gen(NamedTuple):
     finished: np.ndarray
 
 
-def _largest_divisor_at_most(n: int, bound: int) -> int:
-    return next(c for c in range(max(1, min(n, bound)), 0, -1) if n % c == 0)
-
-
-class ESState(NamedTuple):
+class FinetuneState(NamedTuple):
     params: Any
     opt_state: Any
     es_state: Any
@@ -94,8 +85,8 @@ class ESState(NamedTuple):
 
 class ESFinetuner(NamedTuple):
     es: Any
-    init: Callable  # (key, params) -> ESState
-    step: Callable  # (ESState, examples) -> (ESState, metrics dict)
+    init: Callable  # (key, params) -> FinetuneState; builds the run's noise context once
+    step: Callable  # (FinetuneState, examples) -> (FinetuneState, metrics dict)
 
 
 def es_finetuner(cfg, tokenizer, task: Task, optimizer: optax.GradientTransformation, *, population: int,
@@ -106,28 +97,34 @@ def es_finetuner(cfg, tokenizer, task: Task, optimizer: optax.GradientTransforma
     es = eggroll(population, sigma, rank, shaping="group_z_score", kinds=kinds or llm_kinds(),
                  noise_reuse=noise_reuse)
 
+    context: dict = {}  # the noise context (constant for the run): made by init, never in the state
+
     @jax.jit
-    def update(params, opt_state, es_state, fitness):
-        grad, es_state, m = es.tell(es_state, fitness)
+    def update(params, opt_state, es_state, ctx, fitness):
+        grad, es_state, m = es.tell(ctx, es_state, fitness)
         updates, opt_state = optimizer.update(grad, opt_state, params)
         m = {**m, "update_norm": optax.tree.norm(updates)}
-        return optax.apply_updates(params, updates), opt_state, es_state.replace(table=None), m
+        return optax.apply_updates(params, updates), opt_state, es_state, m
 
-    def init(key, params) -> ESState:
-        return ESState(params, optimizer.init(params), es.init(key, params))
+    def init(key, params) -> FinetuneState:
+        context["ctx"] = es.setup(key, params)
+        return FinetuneState(params, optimizer.init(params), es.init(context["ctx"]))
 
-    def step(state: ESState, examples: Sequence[dict]):
+    def step(state: FinetuneState, examples: Sequence[dict]):
+        if "ctx" not in context:
+            raise RuntimeError("call init(key, params) before step: it builds the noise context")
+        ctx = context["ctx"]
         j = len(examples)
         ids, lens = tokenizer.encode_batch([task.prompt(e) for e in examples], length=prompt_len)
         members = np.repeat(np.arange(population, dtype=np.int32), j)  # row i*J + j: member i, prompt j
         rows_ids, rows_lens = np.tile(ids, (population, 1)), np.tile(lens, population)
         n = population * j
-        chunk = _largest_divisor_at_most(n, max_rows or n)
+        chunk = nz.largest_divisor_at_most(n, max_rows or n)
         tokens, finished = [], []
         for s in range(0, n, chunk):  # equal chunks: one compiled shape
             g = generate(state.params, cfg, rows_ids[s:s + chunk], rows_lens[s:s + chunk],
                          max_new_tokens=max_new_tokens, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-                         noise_fn=es.noise, noise_args=state.es_state, member_ids=members[s:s + chunk])
+                         noise_fn=es.noise, noise_args=(ctx, state.es_state), member_ids=members[s:s + chunk])
             tokens.append(np.asarray(g.tokens))
             finished.append(np.asarray(g.finished))
         gen = _Gen(np.concatenate(tokens), np.concatenate(finished))
@@ -136,62 +133,9 @@ def es_finetuner(cfg, tokenizer, task: Task, optimizer: optax.GradientTransforma
         answers = [[task.answer(texts[i * j + q]) for q in range(j)] for i in range(population)]
         diag = generation_diagnostics(scores, answers=answers,
                                       finished=np.asarray(gen.finished).reshape(population, j))
-        table = state.es_state.table
-        params, opt_state, es_state, m = update(state.params, state.opt_state, state.es_state, jnp.asarray(scores))
+        params, opt_state, es_state, m = update(state.params, state.opt_state, state.es_state, ctx,
+                                                jnp.asarray(scores))
         m = {k: float(v) for k, v in jax.device_get(m).items()}
-        return ESState(params, opt_state, es_state.replace(table=table)), {**diag, **m,
-                                                                           "samples": population * j}
+        return FinetuneState(params, opt_state, es_state), {**diag, **m, "samples": population * j}
 
     return ESFinetuner(es, init, step)
-
-
-class GRPOState(NamedTuple):
-    params: Any
-    opt_state: Any
-    key: jax.Array
-
-
-class GRPOFinetuner(NamedTuple):
-    init: Callable  # (key, params) -> GRPOState
-    step: Callable  # (GRPOState, examples) -> (GRPOState, metrics dict)
-
-
-def grpo_finetuner(cfg, tokenizer, task: Task, optimizer: optax.GradientTransformation, *, group_size: int,
-                   prompt_len: int, max_new_tokens: int, temperature: float = 1.0, clip_eps: float = 0.2,
-                   kl_coef: float = 0.0, ref_params=None, minibatches: int = 1, epochs: int = 1) -> GRPOFinetuner:
-    """GRPO fine-tuner on the same harness. ref_params: the KL reference (needed if kl_coef > 0)."""
-    if group_size < 2:
-        raise ValueError(f"GRPO needs group_size >= 2 samples per prompt, got {group_size}")
-    if kl_coef and ref_params is None:
-        raise ValueError("kl_coef > 0 needs ref_params (usually the starting checkpoint)")
-    if not temperature > 0:
-        raise ValueError(f"GRPO samples at temperature > 0, got {temperature}")
-    logprob_fn = grpo_mod.transformer_logprob_fn(cfg)
-    algo = grpo_mod.make_grpo(logprob_fn, optimizer, max_new_tokens, clip_eps=clip_eps, kl_coef=kl_coef,
-                              minibatches=minibatches, epochs=epochs)
-
-    def init(key, params) -> GRPOState:
-        return GRPOState(params, optimizer.init(params), jnp.asarray(key))
-
-    def step(state: GRPOState, examples: Sequence[dict]):
-        p = len(examples)
-        key, k_sample, k_update = jax.random.split(state.key, 3)
-        ids, lens = tokenizer.encode_batch([task.prompt(e) for e in examples], length=prompt_len)
-        ids, lens = np.repeat(ids, group_size, axis=0), np.repeat(lens, group_size)  # row p*G + g
-        gen = generate(state.params, cfg, ids, lens, max_new_tokens=max_new_tokens, key=k_sample,
-                       temperature=temperature, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
-        texts = decode_rows(tokenizer, gen.tokens)
-        rewards = task.score_batch(texts, [e for e in examples for _ in range(group_size)]).reshape(p, group_size)
-        adv = grpo_mod.group_advantages(rewards).reshape(-1)
-        batch = grpo_mod.build_batch(ids, lens, gen.tokens, gen.lengths, adv, None)
-        old = algo.logprobs(state.params, batch.tokens, batch.positions)
-        ref = algo.logprobs(ref_params, batch.tokens, batch.positions) if kl_coef else None
-        batch = batch._replace(old_logp=old, ref_logp=ref)
-        params, opt_state, m = algo.update(state.params, state.opt_state, batch, k_update)
-        answers = [[task.answer(texts[q * group_size + g]) for q in range(p)] for g in range(group_size)]
-        diag = generation_diagnostics(rewards.T, answers=answers,
-                                      finished=np.asarray(gen.finished).reshape(p, group_size).T)
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        return GRPOState(params, opt_state, key), {**diag, **m, "samples": p * group_size}
-
-    return GRPOFinetuner(init, step)

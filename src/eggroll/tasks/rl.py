@@ -373,14 +373,14 @@ def member_episodes(env: Env, params, noise, keys, activation="tanh"):
     return jax.vmap(lambda k: episode(env, mlp_apply(params, noise, activation), k))(keys)
 
 
-def population_fitness(env: Env, es, es_state, params, key, *, episodes=1, activation="tanh",
+def population_fitness(env: Env, es, ctx, es_state, params, key, *, episodes=1, activation="tanh",
                        common_random_numbers=True, chunk=None):
     """(fitness (N,), env steps (N,)): member m's mean return over `episodes` episodes with
     params + sigma * E_m. With common random numbers every member plays the same start states
     (differences come from the perturbations alone); otherwise member m's keys fold in m."""
     def member(m):
         k = key if common_random_numbers else jax.random.fold_in(key, m)
-        ret, length = member_episodes(env, params, es.noise(es_state, m), jax.random.split(k, episodes),
+        ret, length = member_episodes(env, params, es.noise(ctx, es_state, m), jax.random.split(k, episodes),
                                       activation)
         return ret.mean(), length.sum()
 
@@ -396,3 +396,13 @@ def stderr(xs) -> float:
     xs = np.asarray(xs, np.float64)
     return float(xs.std(ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else 0.0
 
+
+class Trainer(NamedTuple):
+    """What both ES and PPO provide: one compile, any number of seeds."""
+
+    env: Env
+    init: Callable  # seed -> state
+    step: Callable  # state -> (state, metrics incl. "env_steps")
+    evaluate: Callable  # (state, key) -> (eval_episodes,) returns of the deterministic policy
+    params: Callable  # state -> policy params (for checkpoints)
+    num_params: int
