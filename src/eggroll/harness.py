@@ -79,6 +79,7 @@ class Train(NamedTuple):
     postfix_keys: Any = None  # metrics on the progress bar
     totals: tuple = ()  # per-generation metrics summed over the run (e.g. env_steps); resumable
     done: Callable[[dict], bool] | None = None  # early stop, given the last evaluation
+    stop: Callable[[dict], bool] | None = None  # budget stop, given the last record (totals, train_s)
     summary: Callable[[Any, dict], dict] | None = None  # (state, result) -> extra result fields
     communication: Callable[[Any], dict] | None = None  # state -> bytes per generation (measured)
     canonical: Callable[[str, Any], Any] | None = None  # (field, value) -> comparable value
@@ -178,11 +179,22 @@ class _Loop:
         self.cfg, self.train, self.log, self.directory, self.state, self.comm = cfg, train, log, directory, state, comm
         self.totals = {k: meta.get("totals", {}).get(k, 0) for k in train.totals}
         self.evaluation, self.eval_gen = meta.get("evaluation"), meta.get("eval_generation")
+        self.eval_s = float(meta.get("eval_s", 0.0))  # wall clock spent evaluating (train_s excludes it)
         self.saved_gen, self.gen, self.stopped = None, 0, "budget"
+        self.record = meta.get("record", {})  # the last generation's record (for `stop`)
 
     def evaluate(self) -> dict:
+        t = time.perf_counter()
         self.evaluation, self.eval_gen = host_metrics(self.train.evaluate(self.state, self.gen)), self.gen
+        self.eval_s += time.perf_counter() - t
         return self.evaluation
+
+    def train_s(self) -> float:
+        return round(self.log.elapsed - self.eval_s, 4)
+
+    def over_budget(self) -> bool:
+        return bool(self.train.stop and self.gen > 0 and self.train.stop({**self.record, **self.totals,
+                                                                          "train_s": self.train_s()}))
 
     def done(self) -> bool:
         return bool(self.train.done and self.evaluation is not None and self.train.done(self.evaluation))
@@ -190,8 +202,8 @@ class _Loop:
     def checkpoint(self) -> None:
         distributed.save_checkpoint(self.directory, self.state, {
             "generation": self.gen, "wall_s": self.log.elapsed, "totals": self.totals,
-            "evaluation": self.evaluation, "eval_generation": self.eval_gen,
-            "config": dataclasses.asdict(self.cfg)})
+            "evaluation": self.evaluation, "eval_generation": self.eval_gen, "eval_s": self.eval_s,
+            "record": self.record, "config": dataclasses.asdict(self.cfg)})
         self.saved_gen = self.gen
 
     def one_generation(self) -> None:
@@ -203,8 +215,10 @@ class _Loop:
             self.totals[k] += rec.pop(k)
         rec.update(self.totals)
         rec.update({k: v for k, v in self.comm.items() if k in ("comm_bytes_per_process", "comm_bytes_sent_per_process")})
-        if self.gen % cfg.eval_every == 0 or self.gen == cfg.generations:
+        self.record = rec
+        if self.gen % cfg.eval_every == 0 or self.gen == cfg.generations or self.over_budget():
             rec.update(self.evaluate())
+        rec["train_s"] = self.train_s()
         self.log.log(self.gen, rec)
 
     def run(self, start: int) -> dict:
@@ -213,13 +227,14 @@ class _Loop:
         if self.evaluation is None:  # a fresh run: generation 0's evaluation
             log.log(0, {**self.evaluate(), **self.totals})
         last_plot = time.perf_counter()
-        while self.gen < cfg.generations and not self.done():
+        while self.gen < cfg.generations and not self.done() and not self.over_budget():
             if cfg.time_limit and log.elapsed >= cfg.time_limit:
                 log.print(f"[{self.train.name}] time limit {cfg.time_limit} s reached at generation {self.gen}")
                 self.stopped = "time_limit"
                 break
             self.one_generation()
-            if self.done() or self.gen == cfg.generations or (cfg.checkpoint_every and self.gen % cfg.checkpoint_every == 0):
+            last = self.done() or self.over_budget() or self.gen == cfg.generations
+            if last or (cfg.checkpoint_every and self.gen % cfg.checkpoint_every == 0):
                 self.checkpoint()
                 if time.perf_counter() - last_plot > PLOT_EVERY_S:
                     log.plot()
@@ -231,7 +246,7 @@ class _Loop:
         if self.done():
             self.stopped = "done"
         result = {**self.evaluation, **self.totals, "generations": self.gen, "stopped": self.stopped,
-                  "wall_s": round(log.elapsed, 3),
+                  "wall_s": round(log.elapsed, 3), "train_s": round(self.train_s(), 3), "eval_s": round(self.eval_s, 3),
                   "num_params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(_params_of(self.state)))),
                   "processes": jax.process_count(), "devices": jax.device_count(), "communication": self.comm}
         if self.train.summary:
