@@ -110,22 +110,21 @@ def _make(population, sigma, *, rank, antithetic, noise_reuse, shaping, kinds, d
         dir_w = w[0::2] - w[1::2] if antithetic else w  # one weight per noise direction
         coef = dir_w.astype(jnp.float32) / (population * sig)
         grads = _es_gradient(ctx, state.generation, coef, update_chunk)
-        finite = jnp.isfinite(fitness)
-        fin = jnp.where(finite, fitness, 0.0)
-        cnt = jnp.maximum(finite.sum(), 1)
-        metrics = {
-            "fitness_mean": fin.sum() / cnt,
-            "fitness_max": jnp.where(finite, fitness, -jnp.inf).max(),
-            "fitness_min": jnp.where(finite, fitness, jnp.inf).min(),
-            "nonfinite": (~finite).sum(),
-            "sigma": sig,
-        }
-        return grads, ESState(state.generation + 1), metrics
+        return grads, ESState(state.generation + 1), {**_fitness_metrics(fitness), "sigma": sig}
 
     config = dict(strategy=name, population=population, rank=rank, antithetic=antithetic,
                   noise_reuse=noise_reuse, noise_source=noise_source, table_size=table_size,
                   shaping=shaping if isinstance(shaping, str) else getattr(shaping, "__name__", "custom"))
     return ES(setup, init, noise, tell, population, config)
+
+
+def _fitness_metrics(fitness) -> dict:
+    """Mean / max / min over the finite fitnesses, and how many were not finite."""
+    finite = jnp.isfinite(fitness)
+    return {"fitness_mean": jnp.where(finite, fitness, 0.0).sum() / jnp.maximum(finite.sum(), 1),
+            "fitness_max": jnp.where(finite, fitness, -jnp.inf).max(),
+            "fitness_min": jnp.where(finite, fitness, jnp.inf).min(),
+            "nonfinite": (~finite).sum()}
 
 
 def _es_gradient(ctx: nz.NoiseContext, generation, coef, update_chunk):

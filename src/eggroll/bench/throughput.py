@@ -219,6 +219,89 @@ def _ok(name, value):
     return bool(value >= target) if op == ">=" else bool(value <= target)
 
 
+def _ratios(timings: dict):
+    """(p10 ratios, median ratios, paired ratios, plain-inference baseline name) of the timings."""
+    ms = {k: v["median_ms"] for k, v in timings.items()}
+    s = {k: v["samples"] for k, v in timings.items()}
+    # the faster plain-inference variant is the baseline
+    base_nt = min(("inference_nt", "inference_nt_chunked"), key=lambda k: ms.get(k, float("inf")))
+    median_ratios = {
+        "forward_over_inference": ms["inference_n"] / ms["population_forward"],
+        "update_over_inference": ms["update"] / ms["inference_n"],
+        "step_over_inference_t100": ms[base_nt] / ms["generation_t"],
+    }
+    paired = {
+        "forward_over_inference": _paired(s["inference_n"], s["population_forward"]),
+        "update_over_inference": _paired(s["update"], s["inference_n"]),
+        "step_over_inference_t100": _paired(s[base_nt], s["generation_t"]),
+    }
+    lo = {k: v["quantiles_ms"][0] for k, v in timings.items()}  # 10th percentiles
+    p10_ratios = {
+        "forward_over_inference": lo["inference_n"] / lo["population_forward"],
+        "update_over_inference": lo["update"] / lo["inference_n"],
+        "step_over_inference_t100": min(lo["inference_nt"], lo.get("inference_nt_chunked", float("inf")))
+        / lo["generation_t"],
+    }
+    # Headline: ratios of the fast (10th-percentile) calls. On a shared CPU the medians of the
+    # plain-inference baseline are inflated by slow GEMM calls, which flatters EGGROLL; the p10
+    # ratios are the conservative, repeatable figure. Medians are reported beside them.
+    return p10_ratios, median_ratios, paired, base_nt
+
+
+def _openes_ratios(cfg, n, params, opt, opt_state, k_es, x1, chunk, gen1, ctx_state, timings, ms, result):
+    """Full-rank OpenES generations against EGGROLL's (step_over_openes[_threefry] in result)."""
+    ctx, state = ctx_state
+    table_size = cfg.table_size or None
+    # OpenES calls take hundreds of ms and allocate GBs; interleaving them with the ~10 ms
+    # EGGROLL generation inflates the latter, so the ratio divides by generation_1 from the
+    # one-input group (the interleaved EGGROLL timing is reported too)
+    sources = [cfg.noise_source] + (["threefry"] if cfg.openes_threefry and cfg.noise_source != "threefry" else [])
+    for src in sources:
+        sfx = "" if src == cfg.noise_source else f"_{src}"
+        oes = open_es(n, cfg.sigma, antithetic=cfg.antithetic, noise_source=src, table_size=table_size)
+        octx = oes.setup(k_es, params)
+        ogen = _generation(oes, opt, n, _divisor_chunk(n, cfg.openes_chunk))
+        units = {f"openes_generation_1{sfx}": _step(ogen, _copy((params, opt_state, oes.init(octx))), octx, x1)}
+        if sfx:  # EGGROLL with this noise source, timed on its own like generation_1
+            ees = eggroll(n, cfg.sigma, cfg.rank, antithetic=cfg.antithetic, noise_source=src,
+                          table_size=table_size)
+            ectx = ees.setup(k_es, params)
+            cmp = _interleaved({f"eggroll_generation_1{sfx}": _step(
+                _generation(ees, opt, n, chunk), _copy((params, opt_state, ees.init(ectx))), ectx, x1)},
+                cfg.reps, cfg.warmup, inner=cfg.inner)
+            timings.update(cmp)
+            ms.update({k: v["median_ms"] for k, v in cmp.items()})
+        else:
+            units["eggroll_generation_1_interleaved"] = _step(gen1, _copy((params, opt_state, state)), ctx, x1)
+        cmp = _interleaved(units, cfg.openes_reps, min(cfg.warmup, 1))
+        del octx
+        timings.update(cmp)
+        ms.update({k: v["median_ms"] for k, v in cmp.items()})
+        den = "generation_1" if not sfx else f"eggroll_generation_1{sfx}"
+        result[f"step_over_openes{sfx}"] = ms[f"openes_generation_1{sfx}"] / ms[den]
+
+
+def _describe(result, cfg, timings, ms, paired, median_ratios, notes) -> dict:
+    """Targets met, all ratio variants, raw timings, config and host facts into `result`."""
+    result["ok"] = {k: _ok(k, v) for k, v in result.items() if k in TARGETS}
+    result["all_ok"] = all(result["ok"].values())
+    result["targets"] = {k: f"{op} {v}" for k, (op, v) in TARGETS.items()}
+    result["paired_ratios"] = {k: round(v, 4) for k, v in paired.items()}
+    result["median_ratios"] = {k: round(v, 4) for k, v in median_ratios.items()}
+    result["notes"] = notes
+    result["timings_ms"] = {k: round(v, 4) for k, v in ms.items()}
+    result["timings_min_ms"] = {k: round(v["min_ms"], 4) for k, v in timings.items()}
+    result["quantiles_ms"] = {k: [round(q, 4) for q in v["quantiles_ms"]] for k, v in timings.items()}
+    result["first_call_s"] = {k: round(v["first_call_s"], 3) for k, v in timings.items()}
+    result["config"] = dataclasses.asdict(cfg)
+    dev = jax.devices()[0]
+    result["jax_version"] = jax.__version__
+    result["device"] = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
+    result["n_devices"] = jax.device_count()
+    result["host"] = {"machine": platform.machine(), "cpus": _cpu_count()}
+    return result
+
+
 def run(cfg: Config) -> dict:
     if cfg.population < 2 or (cfg.antithetic and cfg.population % 2):
         raise ValueError(f"population must be >= 2 (and even with antithetic pairs), got {cfg.population}")
@@ -262,77 +345,13 @@ def run(cfg: Config) -> dict:
     slow = _interleaved(slow_units, cfg.reps_t, min(cfg.warmup, 1))
     timings = {**fast, **slow}
     ms = {k: v["median_ms"] for k, v in timings.items()}
-    s = {k: v["samples"] for k, v in timings.items()}
-    # the faster plain-inference variant is the baseline
-    base_nt = min(("inference_nt", "inference_nt_chunked"), key=lambda k: ms.get(k, float("inf")))
-    median_ratios = {
-        "forward_over_inference": ms["inference_n"] / ms["population_forward"],
-        "update_over_inference": ms["update"] / ms["inference_n"],
-        "step_over_inference_t100": ms[base_nt] / ms["generation_t"],
-    }
-    paired = {
-        "forward_over_inference": _paired(s["inference_n"], s["population_forward"]),
-        "update_over_inference": _paired(s["update"], s["inference_n"]),
-        "step_over_inference_t100": _paired(s[base_nt], s["generation_t"]),
-    }
-    lo = {k: v["quantiles_ms"][0] for k, v in timings.items()}  # 10th percentiles
-    p10_ratios = {
-        "forward_over_inference": lo["inference_n"] / lo["population_forward"],
-        "update_over_inference": lo["update"] / lo["inference_n"],
-        "step_over_inference_t100": min(lo["inference_nt"], lo.get("inference_nt_chunked", float("inf")))
-        / lo["generation_t"],
-    }
-    # Headline: ratios of the fast (10th-percentile) calls. On a shared CPU the medians of the
-    # plain-inference baseline are inflated by slow GEMM calls, which flatters EGGROLL; the p10
-    # ratios are the conservative, repeatable figure. Medians are reported beside them.
+    p10_ratios, median_ratios, paired, base_nt = _ratios(timings)
     result: dict[str, Any] = dict(p10_ratios)
     notes = {"step_over_inference_t100_baseline": base_nt,
              "headline": "forward/update/step_t100 ratios use 10th-percentile times; see median_ratios"}
     if cfg.openes:
-        # OpenES calls take hundreds of ms and allocate GBs; interleaving them with the ~10 ms
-        # EGGROLL generation inflates the latter, so the ratio divides by generation_1 from the
-        # one-input group (the interleaved EGGROLL timing is reported too)
-        sources = [cfg.noise_source] + (["threefry"] if cfg.openes_threefry and cfg.noise_source != "threefry" else [])
-        for src in sources:
-            sfx = "" if src == cfg.noise_source else f"_{src}"
-            oes = open_es(n, cfg.sigma, antithetic=cfg.antithetic, noise_source=src, table_size=table_size)
-            octx = oes.setup(k_es, params)
-            ogen = _generation(oes, opt, n, _divisor_chunk(n, cfg.openes_chunk))
-            units = {f"openes_generation_1{sfx}": _step(ogen, _copy((params, opt_state, oes.init(octx))), octx, x1)}
-            if sfx:  # EGGROLL with this noise source, timed on its own like generation_1
-                ees = eggroll(n, cfg.sigma, cfg.rank, antithetic=cfg.antithetic, noise_source=src,
-                              table_size=table_size)
-                ectx = ees.setup(k_es, params)
-                cmp = _interleaved({f"eggroll_generation_1{sfx}": _step(
-                    _generation(ees, opt, n, chunk), _copy((params, opt_state, ees.init(ectx))), ectx, x1)},
-                    cfg.reps, cfg.warmup, inner=cfg.inner)
-                timings.update(cmp)
-                ms.update({k: v["median_ms"] for k, v in cmp.items()})
-            else:
-                units["eggroll_generation_1_interleaved"] = _step(gen1, _copy((params, opt_state, state)), ctx, x1)
-            cmp = _interleaved(units, cfg.openes_reps, min(cfg.warmup, 1))
-            del octx
-            timings.update(cmp)
-            ms.update({k: v["median_ms"] for k, v in cmp.items()})
-            den = "generation_1" if not sfx else f"eggroll_generation_1{sfx}"
-            result[f"step_over_openes{sfx}"] = ms[f"openes_generation_1{sfx}"] / ms[den]
-    result["ok"] = {k: _ok(k, v) for k, v in result.items() if k in TARGETS}
-    result["all_ok"] = all(result["ok"].values())
-    result["targets"] = {k: f"{op} {v}" for k, (op, v) in TARGETS.items()}
-    result["paired_ratios"] = {k: round(v, 4) for k, v in paired.items()}
-    result["median_ratios"] = {k: round(v, 4) for k, v in median_ratios.items()}
-    result["notes"] = notes
-    result["timings_ms"] = {k: round(v, 4) for k, v in ms.items()}
-    result["timings_min_ms"] = {k: round(v["min_ms"], 4) for k, v in timings.items()}
-    result["quantiles_ms"] = {k: [round(q, 4) for q in v["quantiles_ms"]] for k, v in timings.items()}
-    result["first_call_s"] = {k: round(v["first_call_s"], 3) for k, v in timings.items()}
-    result["config"] = dataclasses.asdict(cfg)
-    dev = jax.devices()[0]
-    result["jax_version"] = jax.__version__
-    result["device"] = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
-    result["n_devices"] = jax.device_count()
-    result["host"] = {"machine": platform.machine(), "cpus": _cpu_count()}
-    return result
+        _openes_ratios(cfg, n, params, opt, opt_state, k_es, x1, chunk, gen1, (ctx, state), timings, ms, result)
+    return _describe(result, cfg, timings, ms, paired, median_ratios, notes)
 
 
 def _cpu_count():
