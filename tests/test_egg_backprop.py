@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from eggroll import cli
+from eggroll import cli, distributed
 from eggroll.baselines import backprop as bp
 from eggroll.checkpoint import load_checkpoint
 from eggroll.recipes import egg_backprop as eb
@@ -126,6 +126,46 @@ def test_window_bits_matches_brute_force(tiny):
     assert float(bp.window_bits(tiny, w)) == pytest.approx(total / 12, rel=1e-4)
 
 
+def test_data_parallel_step_matches_one_device():
+    """streams split over the 4 devices (conftest): the same step up to float summation order,
+    with one all-reduce of the gradients (none inside the backward scan) and one all-gather of h."""
+    from eggroll import distributed as dist
+    from eggroll.population import population_mesh
+
+    cfg = eb.Config(layers=2, width=8, streams=8, seq_len=6, generations=10)
+    state = eb.init_state(cfg)
+    h = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8))
+    window = np.random.default_rng(4).integers(0, 256, (8, 7)).astype(np.uint8)
+    one = bp.make_train_step(eb.make_optimizer(cfg))(state.params, state.opt_state, h, window)
+    mesh = population_mesh()
+    split = bp.make_train_step(eb.make_optimizer(cfg), mesh=mesh)
+    args = (*dist.replicate((state.params, state.opt_state, h)), eb.split_streams(window, mesh))
+    many = split(*args)
+    for x, y in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(many)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    assert many[2].sharding.is_fully_replicated
+    hlo = split.lower(*args).compile().as_text()
+    sums = [ln for ln in hlo.splitlines() if " collective-permute(" in ln or " all-reduce(" in ln]
+    assert len(sums) == 2 and not any("while" in ln for ln in sums), sums  # log2(4) exchanges, outside the scan
+    n_params = sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params))
+    comm = dist.communication(split, *args, n_params=n_params)
+    assert comm["comm_by_kind"]["collective-permute"] == 2 * 4 * (n_params + 1)  # f32 gradient + loss, twice
+
+
+def test_device_sum_is_one_fixed_order():
+    """device_sum on 4 devices (recursive doubling) and on 3 (ordered all-gather): the sums
+    (x0 + x1) + (x2 + x3) and (x0 + x1) + x2 exactly, on every device."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    x = np.float32([1e8, 1.0, -1e8, 3.0, 0.5, 7.0]).reshape(-1, 1) * np.float32([1, 1e-3])
+    for n, want in ((4, (x[0] + x[1]) + (x[2] + x[3])), (3, (x[0] + x[1]) + x[2])):
+        mesh = Mesh(np.asarray(jax.devices()[:n]), ("d",))
+        f = jax.jit(jax.shard_map(lambda a: bp.device_sum(a[0], "d", n)[None], mesh=mesh, in_specs=P("d"),
+                                  out_specs=P("d"), check_vma=False))
+        got = np.asarray(f(x[:n]))
+        assert (got == want[None]).all(), (n, got, want)
+
+
 # --- the recipe -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -140,14 +180,15 @@ def corpus_dir(tmp_path_factory):
 
 def _cfg(corpus_dir, tmp_path, **kw):
     base = {"dataset": str(corpus_dir), "cache_dir": str(tmp_path.parent / "cache"), "layers": 1, "width": 16,
-                "streams": 4, "seq_len": 16, "steps": 60, "lr": 1e-2, "warmup": 5, "eval_every": 20, "eval_bytes": 256,
+                "streams": 4, "seq_len": 16, "generations": 60, "lr": 1e-2, "warmup": 5, "eval_every": 20, "eval_bytes": 256,
                 "eval_streams": 4, "checkpoint_every": 0, "progress": False, "run_dir": str(tmp_path / "run")}
     return eb.Config(**{**base, **kw})
 
 
 def test_learns_below_unigram(corpus_dir, tmp_path):
     result = eb.run(_cfg(corpus_dir, tmp_path))
-    assert result["steps"] == 60 and result["bytes_seen"] == 60 * 4 * 16
+    assert result["steps"] == result["generations"] == 60 and result["bytes_seen"] == 60 * 4 * 16
+    assert result["devices"] == 4  # tests/conftest.py: the 4 streams are split over 4 devices
     first = read_metrics(tmp_path / "run")[0]
     assert first["valid_prefix_bits_per_byte"] > 7  # untrained: about uniform over 256 bytes
     assert result["valid_bits_per_byte"] < result["unigram_valid_bits_per_byte"], result
@@ -157,63 +198,56 @@ def test_learns_below_unigram(corpus_dir, tmp_path):
     assert json.loads((tmp_path / "run" / "result.json").read_text()) == json.loads(json.dumps(result))
 
 
-def test_resume_is_exact(corpus_dir, tmp_path):
+def test_resume_is_exact(corpus_dir, tmp_path, monkeypatch):
     # same shapes and schedule as test_learns_below_unigram: the jitted functions are reused
     straight = eb.run(_cfg(corpus_dir, tmp_path / "a"))
     cfg = _cfg(corpus_dir, tmp_path / "b", checkpoint_every=30)
-    assert _train_until(cfg, 30) == 30  # interrupted right after the step-30 checkpoint
+    assert _train_until(cfg, 30, monkeypatch) == 30  # interrupted right after the step-30 checkpoint
     resumed = eb.run(dataclasses.replace(cfg, resume=True))
-    assert resumed["valid_bits_per_byte"] == straight["valid_bits_per_byte"]
-    assert resumed["train_bits_per_byte"] == straight["train_bits_per_byte"]
-    a = load_checkpoint(tmp_path / "a" / "run" / "checkpoint", _template(cfg))[0]
-    b = load_checkpoint(tmp_path / "b" / "run" / "checkpoint", _template(cfg))[0]
+    for key in ("valid_bits_per_byte", "train_bits_per_byte", "egg_eval_bits_per_byte", "valid_prefix_bits_per_byte"):
+        assert resumed[key] == straight[key], key
+    a = load_checkpoint(tmp_path / "a" / "run" / "checkpoint", eb.init_state(cfg))[0]
+    b = load_checkpoint(tmp_path / "b" / "run" / "checkpoint", eb.init_state(cfg))[0]
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    steps = [r["step"] for r in read_metrics(tmp_path / "b" / "run") if "train_bits_per_byte" in r]
+    steps = [r["generation"] for r in read_metrics(tmp_path / "b" / "run") if "train_bits_per_byte" in r]
     assert steps == list(range(1, 61))
 
 
-def _template(cfg):
-    opt = eb.make_optimizer(cfg)
-    params = bp.init_params(jax.random.PRNGKey(cfg.seed), cfg.layers, cfg.width)
-    return eb.TrainState(params, opt.init(params), bp.init_state(cfg.layers, cfg.streams, cfg.width))
-
-
-def _train_until(cfg, stop):
+def _train_until(cfg, stop, monkeypatch):
     """Run `cfg` but interrupt it (KeyboardInterrupt) right after step `stop` is checkpointed."""
-    real = eb.save_checkpoint
+    real = distributed.save_checkpoint
 
-    def save_then_stop(directory, tree, metadata):
-        real(directory, tree, metadata)
-        if metadata["step"] == stop:
+    def save_then_stop(directory, tree, metadata, **kw):
+        real(directory, tree, metadata, **kw)
+        if metadata["generation"] == stop:
             raise KeyboardInterrupt
-    eb.save_checkpoint = save_then_stop
-    try:
-        eb.run(cfg)
-    except KeyboardInterrupt:
-        return stop
-    finally:
-        eb.save_checkpoint = real
+    with monkeypatch.context() as m:
+        m.setattr(distributed, "save_checkpoint", save_then_stop)
+        try:
+            eb.run(cfg)
+        except KeyboardInterrupt:
+            return stop
     return None
 
 
 def test_resume_refuses_a_different_config(corpus_dir, tmp_path):
-    eb.run(_cfg(corpus_dir, tmp_path, steps=60, eval_every=0))
+    eb.run(_cfg(corpus_dir, tmp_path, eval_every=60))
     with pytest.raises(ValueError, match="width"):
-        eb.run(_cfg(corpus_dir, tmp_path, eval_every=0, width=8, resume=True))
+        eb.run(_cfg(corpus_dir, tmp_path, eval_every=60, width=8, resume=True))
 
 
 def test_config_errors(tmp_path):
-    for bad in ({"width": 0}, {"steps": -1}, {"lr": float("nan")}, {"mlp_activation": "tanh"},
-                {"max_bytes": 2}):
+    for bad in ({"width": 0}, {"generations": -1}, {"lr": float("nan")}, {"mlp_activation": "tanh"},
+                {"max_bytes": 2}, {"eval_every": 0}, {"streams": 6}):  # streams: 4 devices (conftest)
         with pytest.raises(ValueError, match="egg-backprop config"):
             eb.run(eb.Config(run_dir=str(tmp_path), **bad))
 
 
 def test_cli(corpus_dir, tmp_path, capsys):
     argv = ["train", "egg-backprop", "--dataset", str(corpus_dir), "--cache-dir", str(tmp_path / "cache"),
-            "--layers", "1", "--width", "16", "--streams", "4", "--seq-len", "16", "--steps", "60",
-            "--lr", "0.01", "--warmup", "5", "--eval-every", "0", "--eval-streams", "4", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+            "--layers", "1", "--width", "16", "--streams", "4", "--seq-len", "16", "--generations", "60",
+            "--lr", "0.01", "--warmup", "5", "--eval-every", "60", "--eval-streams", "4", "--run-dir", str(tmp_path / "run"), "--no-progress"]
     assert cli.main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("valid_bits_per_byte", "bigram_valid_bits_per_byte", "unigram_valid_bits_per_byte", "wall_s"):

@@ -24,6 +24,14 @@ weights followed by a ~sqrt(fan_in) shift.
 The hidden state resets to zero wherever the input byte is the document separator 0, before
 that byte is processed. Layers run one at a time: the input projections a W_f, a W_h of a
 whole [B, T] window are one matmul each, only the recurrence h -> h' is a lax.scan over T.
+
+Data parallel (make_train_step with a mesh): the batch axis B of the window and of the hidden
+state is split over the mesh's devices inside the step (shard_map); each device back-propagates
+through its own streams, then the gradients and the loss are summed over the devices in a
+fixed order (device_sum: the same bits for any process layout); the new hidden state
+comes back replicated (all-gathered), like every other output, so a checkpoint can read it on
+any process. The evaluations here are replicated: every
+device reads every stream (the caller places the arrays with `place`).
 """
 
 from __future__ import annotations
@@ -130,17 +138,73 @@ def loss_fn(params, h, window, mlp_activation: str = "none"):
     return total / count, lax.stop_gradient(h_new)
 
 
-def make_train_step(optimizer, mlp_activation: str = "none"):
-    """-> jitted (params, opt_state, h, window) -> (params, opt_state, h, train bits/byte)."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+def make_train_step(optimizer, mlp_activation: str = "none", mesh=None):
+    """-> jitted (params, opt_state, h, window) -> (params, opt_state, h, train bits/byte).
 
-    @jax.jit
+    mesh (1-D, several devices): data parallel, `data_parallel_grads`; every output replicated."""
+    if mesh is not None and mesh.size > 1:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        grads_of = data_parallel_grads(mesh, mlp_activation)
+        jit = functools.partial(jax.jit, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    else:
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        grads_of = lambda params, h, window: grad_fn(params, h, window, mlp_activation)  # noqa: E731
+        jit = jax.jit
+
     def step(params, opt_state, h, window):
-        (loss, h), grads = grad_fn(params, h, window, mlp_activation)
+        (loss, h), grads = grads_of(params, h, window)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, h, loss
-    return step
+    return jit(step)
+
+
+def data_parallel_grads(mesh, mlp_activation: str = "none"):
+    """-> (params, h, window) -> ((loss, new h), grads) of loss_fn, with window [B, T+1] and
+    h [L, B, w] split on B over the mesh's n devices (B a multiple of n).
+
+    Each device differentiates its share of the mean, total_d / (count_d * n), over its own
+    streams (the backward scan stays local), then `device_sum` adds the gradients and the loss:
+    sum_d total_d / (count_d n) = total / count, the full batch's mean."""
+    from jax.sharding import PartitionSpec as P
+
+    (axis,) = mesh.axis_names
+    n = mesh.size
+
+    def share(params, h, window):
+        logits, h_new = forward(params, h, window[:, :-1], mlp_activation)
+        total, count = bits_per_byte_sum(logits, window[:, 1:])
+        return total / (count * n), lax.stop_gradient(h_new)
+
+    def local(params, h, window):
+        (loss, h), grads = jax.value_and_grad(share, has_aux=True)(params, h, window)
+        loss, grads = device_sum((loss, grads), axis, n)
+        return (loss, h), grads
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(None, axis), P(axis)),
+                         out_specs=((P(), P(None, axis)), P()), check_vma=False)
+
+
+def device_sum(tree, axis: str, n: int):
+    """The sum over the n devices of mesh axis `axis` (inside shard_map), in an order fixed by
+    the device indices alone, so the bits do not depend on how the devices are spread over
+    processes (XLA's psum adds in an order that does: in-process vs gloo differ in the last bit).
+
+    n a power of 2: recursive doubling, log2(n) exchanges; in round k device i adds its value and
+    that of device i xor 2^k (x_i + x_j == x_j + x_i exactly, so partners agree): one fixed tree,
+    ((x0 + x1) + (x2 + x3)) + ... Otherwise: all-gather, then x0 + x1 + ... in index order."""
+    from jax.flatten_util import ravel_pytree
+
+    flat, unravel = ravel_pytree(tree)  # one message per exchange, not one per leaf
+    if n & (n - 1) == 0:
+        k = 1
+        while k < n:
+            flat = flat + lax.ppermute(flat, axis, [(i, i ^ k) for i in range(n)])
+            k *= 2
+        return unravel(flat)
+    g = lax.all_gather(flat, axis)  # [n, size]
+    return unravel(functools.reduce(lambda total, i: total + g[i], range(1, n), g[0]))
 
 
 def eval_layout(n: int, n_streams: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -159,27 +223,29 @@ def eval_layout(n: int, n_streams: int, seq_len: int) -> tuple[np.ndarray, np.nd
 
 
 def make_evaluate(layers: int, width: int, seq_len: int, n_streams: int, mlp_activation: str = "none"):
-    """-> evaluate(params, data uint8 [n]) -> bits/byte over all n bytes.
+    """-> evaluate(params, data uint8 [n], place=None) -> bits/byte over all n bytes.
 
     The bytes are cut into n_streams contiguous streams (eval_layout), each started from a zero
     state with the separator 0 as its first input, so every byte is predicted exactly once.
-    One jitted call per window of seq_len bytes: any data length reuses the same compilation."""
+    One jitted call per window of seq_len bytes: any data length reuses the same compilation.
+    place: applied to every array before the jitted call (e.g. distributed.replicate)."""
     @jax.jit
     def window(params, h, x, y, m):  # x, y, m: [S, T]
         logits, h = forward(params, h, x, mlp_activation)
         total, count = bits_per_byte_sum(logits, y, m)
         return h, total, count
 
-    def evaluate(params, data) -> float:
-        data = np.asarray(data)
+    def evaluate(params, data, place=None) -> float:
+        place = place or (lambda tree: tree)
+        params, data = place(params), np.asarray(data)
         index, mask = eval_layout(len(data), n_streams, seq_len)
         targets = data[index]
         inputs = np.concatenate([np.zeros((len(index), 1), np.uint8), targets[:, :-1]], axis=1)
-        h = init_state(layers, len(index), width)
+        h = place(init_state(layers, len(index), width))
         total = count = 0.0
         for a in range(0, index.shape[1], seq_len):
             cut = slice(a, a + seq_len)
-            h, t, c = window(params, h, inputs[:, cut], targets[:, cut], mask[:, cut])
+            h, t, c = window(params, h, *place((inputs[:, cut], targets[:, cut], mask[:, cut])))
             total, count = total + float(t), count + float(c)
         return total / count
     return evaluate
