@@ -30,8 +30,9 @@ def test_es_step_frozen_vectors_and_fitness_shape():
     params = tfm.init_params(jax.random.PRNGKey(0), TINY, std=0.3)
     ft = es_finetuner(TINY, tok, task, optax.sgd(0.1), population=8, sigma=0.05, prompt_len=6, max_new_tokens=4,
                       kinds=llm_kinds(embeddings=False, head=True))
-    st = ft.init(jax.random.PRNGKey(1), params)
-    new, m = ft.step(st, task.examples)
+    ctx = ft.setup(jax.random.PRNGKey(1), params)  # the noise context: the caller's, never in the state
+    st = ft.init(ctx, params)
+    new, m = ft.step(ctx, st, task.examples)
     assert m["samples"] == 8 * 3 and 0 <= m["no_signal_frac"] <= 1 and np.isfinite(m["update_norm"])
     flat0 = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     for path, x in jax.tree_util.tree_flatten_with_path(new.params)[0]:
@@ -53,7 +54,8 @@ def test_es_step_chunked_generation_matches_whole():
     for max_rows in (8, None):  # 24 rows in chunks of 8, or all at once
         ft = es_finetuner(TINY, tok, task, optax.sgd(0.1), population=8, sigma=0.05, prompt_len=6,
                           max_new_tokens=4, max_rows=max_rows)
-        out.append(ft.step(ft.init(jax.random.PRNGKey(1), params), task.examples))
+        ctx = ft.setup(jax.random.PRNGKey(1), params)
+        out.append(ft.step(ctx, ft.init(ctx, params), task.examples))
     assert out[0][1]["mean_reward"] == out[1][1]["mean_reward"]
     for a, b in zip(jax.tree_util.tree_leaves(out[0][0].params), jax.tree_util.tree_leaves(out[1][0].params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -83,10 +85,29 @@ def test_problem_sets_disjoint_and_solved():
         assert len(task.prompt(ex)) <= cm.PROMPT_LEN and len(ex["solution"]) < cfg.max_new_tokens
 
 
+TINY_RUN = dict(hidden=16, layers=1, sft_problems=200, sft_max_steps=20, sft_batch=16, eval_problems=16,
+                population=4, es_prompts=2, grpo_prompts=2, group_size=2, progress=False)
+
+
+def test_prompt_stream_replays_and_budget_clock():
+    from eggroll.tasks.finetune import BudgetClock, PromptStream
+
+    pool = list(range(100))
+    rng = random.Random(5)
+    sequential = [[pool[rng.randrange(100)] for _ in range(3)] for _ in range(6)]  # the old draw, step after step
+    stream = PromptStream(pool, 5, 3)
+    assert [stream.at(t) for t in range(6)] == sequential
+    assert PromptStream(pool, 5, 3).at(4) == sequential[4]  # a resume at step 4
+    clock = BudgetClock("wall", 1.0)
+    out, spent = clock.timed(lambda x: x + 1, 1)
+    assert out == 2 and spent["step_s"] >= 0 and spent["cpu_s"] >= 0 and clock.now == pytest.approx(spent["step_s"])
+    assert clock.stop({"step_s": 0.4}) is False and clock.now == 0.4  # the harness's total wins
+    clock.before = 0.2
+    assert clock.crossed(0.3) and not clock.crossed(0.5) and clock.stop({"step_s": 1.0})
+
+
 def test_countdown_mini_smoke(tmp_path):
-    cfg = cm.Config(run_dir=str(tmp_path / "run"), hidden=16, layers=1, sft_problems=200, sft_max_steps=20,
-                    sft_batch=16, eval_problems=16, budget_s=1.0, eval_every_s=0.5, population=4, es_prompts=2,
-                    grpo_prompts=2, group_size=2, progress=False)
+    cfg = cm.Config(run_dir=str(tmp_path / "run"), budget_s=1.0, eval_every_s=0.5, **TINY_RUN)
     res = cm.run(cfg)
     for k in ("eggroll_accuracy", "grpo_accuracy", "start_accuracy", "budget_s"):
         assert res[k] is not None
@@ -95,8 +116,36 @@ def test_countdown_mini_smoke(tmp_path):
     assert {r["strategy"] for r in recs} == {"eggroll", "grpo"} and all(r["train_s"] <= 5 for r in recs)
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
     assert (tmp_path / "run" / "sft" / "arrays.safetensors").exists()
+    sub = json.loads((tmp_path / "run" / "eggroll-seed0" / "result.json").read_text())  # one harness run each
+    assert sub["stopped"] == "budget" and sub["cpu_s"] >= 1.0 and sub["strategy"] == "eggroll"
+    assert (tmp_path / "run" / "grpo-seed0" / "checkpoint" / "arrays.safetensors").exists()
     # a second run reuses the SFT checkpoint and skips finished (strategy, seed) runs
     res2 = cm.run(cfg)
     assert res2["eggroll_accuracy"] == res["eggroll_accuracy"] and res2["start_accuracy"] == res["start_accuracy"]
     with pytest.raises(ValueError, match="population"):
         cm.validate(cm.Config(population=3))
+
+
+@pytest.mark.slow
+def test_countdown_mini_fine_tune_resumes_exactly(tmp_path):
+    """A fine-tune stopped at step 2 and continued with --resume equals an uninterrupted 4-step one."""
+    from safetensors.numpy import load_file
+
+    def run(name, steps, **kw):
+        return cm.run(cm.Config(run_dir=str(tmp_path / name), budget_s=1e9, eval_every_s=1e9, generations=steps,
+                                checkpoint_every=1, **{**TINY_RUN, **kw}))
+
+    full = run("full", 4)
+    run("part", 2)
+    part = run("part", 4, resume=True)
+    assert part["eggroll_accuracy"] == full["eggroll_accuracy"] and part["grpo_accuracy"] == full["grpo_accuracy"]
+    for s in ("eggroll", "grpo"):
+        a = load_file(str(tmp_path / "full" / f"{s}-seed0" / "checkpoint" / "arrays.safetensors"))
+        b = load_file(str(tmp_path / "part" / f"{s}-seed0" / "checkpoint" / "arrays.safetensors"))
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{s} {k}")
+    steps = [json.loads(x)["step"] for x in (tmp_path / "part" / "steps.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 1, 2, 3, 4]  # no step repeated or lost
+    with pytest.raises(ValueError, match="cannot resume"):
+        run("part", 6, resume=True, sigma=0.01)

@@ -16,11 +16,10 @@ from eggroll.recipes import llm
 CHARS = list("0123456789+-*/() <>,.:=answerUsingthembcqkfloyxdpEGiv")
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
+def save_tiny_checkpoint(d) -> str:
+    """A tiny random Qwen2-style checkpoint with a character tokenizer, saved in directory d."""
     from tokenizers import Tokenizer, decoders, models
 
-    d = tmp_path_factory.mktemp("tiny")
     vocab = {"<eos>": 0, **{c: i + 1 for i, c in enumerate(dict.fromkeys(CHARS))}, "<unk>": len(CHARS) + 1}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
@@ -32,8 +31,13 @@ def tiny_ckpt(tmp_path_factory):
     return str(d)
 
 
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
 def _cfg(tiny_ckpt, run_dir, **kw):
-    base = {"model": tiny_ckpt, "task": "countdown", "strategy": "eggroll", "steps": 2, "prompts": 2,
+    base = {"model": tiny_ckpt, "task": "countdown", "strategy": "eggroll", "generations": 2, "prompts": 2,
             "population": 4, "max_new_tokens": 6, "max_prompt_tokens": 16, "eval_every": 1, "eval_problems": 4,
             "checkpoint_every": 1, "sigma": 0.05, "lr": 0.01, "run_dir": str(run_dir), "progress": False,
             "template": "{numbers_csv}={target}:"}
@@ -41,40 +45,40 @@ def _cfg(tiny_ckpt, run_dir, **kw):
 
 
 def test_llm_eggroll_one_step_logs_diagnostics(tiny_ckpt, tmp_path):
-    res = llm.run(_cfg(tiny_ckpt, tmp_path / "one", steps=1))
-    assert res["steps"] == 1 and 0 <= res["val_accuracy"] <= 1
+    res = llm.run(_cfg(tiny_ckpt, tmp_path / "one", generations=1))
+    assert res["steps"] == res["generations"] == 1 and 0 <= res["val_accuracy"] <= 1
     recs = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    assert {"no_signal_frac", "truncation_rate", "distinct_answers", "mean_reward", "val_accuracy"} <= set(recs[-1])
+    assert {"no_signal_frac", "truncation_rate", "distinct_answers", "mean_reward", "val_accuracy",
+            "prompts_truncated"} <= set(recs[-1])
     assert (tmp_path / "one" / "checkpoint" / "arrays.safetensors").exists()
+    assert json.loads((tmp_path / "one" / "result.json").read_text())["strategy"] == "eggroll"
+    # what crosses processes per step (none here: one process): the all-gathered rewards
+    assert res["communication"]["comm_bytes_per_process"] == 0
 
 
 @pytest.mark.slow
 def test_llm_eggroll_resumes_exactly(tiny_ckpt, tmp_path):
     full = llm.run(_cfg(tiny_ckpt, tmp_path / "full"))
     assert full["steps"] == 2
-    llm.run(_cfg(tiny_ckpt, tmp_path / "part", steps=1))
-    llm.run(_cfg(tiny_ckpt, tmp_path / "part", steps=2, resume=True))
+    llm.run(_cfg(tiny_ckpt, tmp_path / "part", generations=1))
+    llm.run(_cfg(tiny_ckpt, tmp_path / "part", generations=2, resume=True))
     a, _ = load_checkpoint(tmp_path / "full" / "checkpoint", _template(tiny_ckpt))
     b, meta = load_checkpoint(tmp_path / "part" / "checkpoint", _template(tiny_ckpt))
-    assert meta["step"] == 2
+    assert meta["generation"] == 2
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     with pytest.raises(ValueError, match="cannot resume"):
-        llm.run(_cfg(tiny_ckpt, tmp_path / "part", steps=3, sigma=0.1, resume=True))
+        llm.run(_cfg(tiny_ckpt, tmp_path / "part", generations=3, sigma=0.1, resume=True))
 
 
 def _template(tiny_ckpt):
-    pre = hf.load_pretrained(tiny_ckpt)
-    cfg = _cfg(tiny_ckpt, "unused")
-    tok = llm.HFTokenizer(pre.tokenizer, pre.eos_ids)
-    task, _ = llm.make_task(cfg, None)
-    return llm.make_finetuner(cfg, pre.cfg, tok, task, pre.params).init(jax.random.PRNGKey(0), pre.params)
+    return llm.make_train(_cfg(tiny_ckpt, "unused")).init()
 
 
 @pytest.mark.slow
 def test_llm_grpo_runs_and_exports(tiny_ckpt, tmp_path):
     res = llm.run(_cfg(tiny_ckpt, tmp_path / "g", strategy="grpo", group_size=2, export=True, kl_coef=0.1))
-    assert res["steps"] == 2
+    assert res["steps"] == 2 and res["communication"]["optimizer_steps"] == 1  # data parallel on 4 devices
     back = hf.load_pretrained(str(tmp_path / "g" / "hf"))
     assert back.cfg.hidden_size == 16
 

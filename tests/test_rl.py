@@ -234,3 +234,37 @@ def test_tune_random_search_and_resume(tmp_path):
     assert again["best"] == res["best"] and len((tmp_path / "trials.jsonl").read_text().splitlines()) == 2
     with pytest.raises(ValueError, match="not a tunable field"):
         tune.run(tune.Config(space='{"budget_steps": [1]}', out_dir=str(tmp_path / "x")))
+
+
+def _state_arrays(run_dir, seeds):
+    from safetensors.numpy import load_file
+
+    files = {s: run_dir / f"seed{s}" / "checkpoint" / "arrays.safetensors" for s in seeds}
+    return {(s, k): v for s, f in files.items() for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.parametrize("strategy", ["eggroll", "ppo"])
+def test_resume_continues_interrupted_seeds_exactly_and_skips_finished(tmp_path, capsys, strategy):
+    """Seeds stopped by the time limit at generation 0 continue to equal an uninterrupted run; a
+    second --resume finds them finished and trains nothing; a changed hyperparameter is refused."""
+    kw = dict(env="CartPole-v1", strategy=strategy, seeds=2, generations=4, budget_steps=10**6, hidden="8",
+              population=8, num_envs=4, rollout_len=8, minibatches=2, eval_every=2, eval_episodes=2, max_steps=30,
+              progress=False)
+    ref = recipe.run(recipe.Config(run_dir=str(tmp_path / "ref"), **kw))
+    run = tmp_path / "run"
+    cut = recipe.run(recipe.Config(run_dir=str(run), time_limit=1e-9, **kw))
+    assert [s["stopped"] for s in cut["per_seed"]] == ["time_limit"] * 2 and cut["env_steps"] == 0
+    res = recipe.run(recipe.Config(run_dir=str(run), resume=True, **kw))
+    assert res["mean_return"] == ref["mean_return"] and [s["generations"] for s in res["per_seed"]] == [4, 4]
+    want, got = _state_arrays(tmp_path / "ref", (0, 1)), _state_arrays(run, (0, 1))
+    assert sorted(want) == sorted(got)
+    for k in want:
+        np.testing.assert_array_equal(want[k], got[k], err_msg=str(k))
+    before = (run / "seed1" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    again = recipe.run(recipe.Config(run_dir=str(run), resume=True, **kw))
+    assert "seed 1 is finished" in capsys.readouterr().err
+    assert again["per_seed"] == res["per_seed"] and (run / "seed1" / "metrics.jsonl").read_text() == before
+    changed = {**kw, "sigma": 0.3} if strategy != "ppo" else {**kw, "ppo_lr": 1e-3}
+    with pytest.raises(ValueError, match="cannot resume"):
+        recipe.run(recipe.Config(run_dir=str(run), resume=True, **changed))

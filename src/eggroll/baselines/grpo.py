@@ -22,7 +22,13 @@ of tokens[1:] given their prefix, for ONE sequence (see `transformer_logprob_fn`
 `grpo_finetuner` is the fine-tuning loop on the same sampler, tokenizer adapter and Task as the
 EGGROLL fine-tuner (`tasks.finetune.es_finetuner`): P prompts, G samples each at temperature
 > 0, group advantages, old log-probs from the sampling params, `minibatches` x `epochs` clipped
-updates.
+updates. On several devices (of one or several processes) it is data parallel: process p
+samples and scores its 1/P of the prompts on its own devices, the batch stays sharded by rows
+over every device, each device shuffles its own rows into minibatches, and every optimizer step
+all-reduces the gradients and the token count (`data_parallel_update`: the same token-mean loss
+over the union of the devices' minibatches). On one device nothing changes. The sampled
+completions and the minibatch composition depend on the device layout (each device draws from
+its own stream), so results agree with a one-device run in distribution, not bit for bit.
 """
 
 from __future__ import annotations
@@ -35,9 +41,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from .. import distributed
+from ..population import _NO_CHECK, AXIS, _shard_map, population_mesh
 from ..sampling import decode_rows, generate
 from ..tasks.diagnostics import generation_diagnostics
+from ..tasks.finetune import answer_id, gather_bytes, generate_rows, local_mesh, local_view, pack_rows, unpack_rows
 
 
 class GRPOBatch(NamedTuple):
@@ -169,14 +180,69 @@ class GRPOState(NamedTuple):
 
 
 class GRPOFinetuner(NamedTuple):
-    init: Callable  # (key, params) -> GRPOState
+    init: Callable  # (key, params) -> GRPOState, replicated over every device of every process
     step: Callable  # (GRPOState, examples) -> (GRPOState, metrics dict)
+    communication: Callable  # (GRPOState, prompts per step) -> bytes crossing devices / processes per step
+
+
+def check_data_parallel(prompts: int, group_size: int, minibatches: int = 1) -> None:
+    """One-line ValueErrors for a GRPO batch that does not split over every device of every
+    process (nothing to check on one device)."""
+    n_dev, procs = jax.device_count(), jax.process_count()
+    if n_dev == 1:
+        return
+    if prompts % procs:
+        raise ValueError(f"GRPO: {prompts} prompts per step must be a multiple of the {procs} processes")
+    if (prompts * group_size) % (n_dev * minibatches):
+        raise ValueError(f"GRPO: prompts x group_size = {prompts * group_size} rows must split into {minibatches} "
+                         f"minibatch(es) on each of the {n_dev} devices")
+
+
+def data_parallel_update(logprob_fn: Callable, optimizer: optax.GradientTransformation, completion_len: int, mesh, *,
+                         clip_eps: float = 0.2, kl_coef: float = 0.0, minibatches: int = 1, epochs: int = 1):
+    """`make_grpo`'s update with the batch's rows split over `mesh` (one axis): per epoch each
+    device shuffles its own rows into `minibatches` minibatches; for each optimizer step the
+    gradients and token counts are summed over the devices (psum), so the step follows the
+    token-mean loss of the union of the devices' minibatches. Jitted: (params, opt_state (both
+    replicated), batch (rows sharded on the mesh axis), key) -> (params, opt_state, metrics)."""
+    axis = mesh.axis_names[0]
+
+    def local_loss(params, mb: GRPOBatch, n_tokens):
+        logp = completion_logprobs(logprob_fn, params, mb.tokens, mb.positions, completion_len)
+        loss, metrics = grpo_loss(logp, mb, clip_eps=clip_eps, kl_coef=kl_coef)
+        share = jnp.maximum(mb.mask.sum(), 1.0) / n_tokens  # this device's token-mean -> its part of the global one
+        return loss * share, jax.tree_util.tree_map(lambda v: v * share, metrics)
+
+    def shard(params, opt_state, batch: GRPOBatch, key):
+        b = batch.tokens.shape[0]
+        if b % minibatches:
+            raise ValueError(f"{b} sequences per device do not split into {minibatches} minibatches")
+        key = jax.random.fold_in(key, lax.axis_index(axis))
+        perms = jnp.stack([jax.random.permutation(k, b) for k in jax.random.split(key, epochs)])
+
+        def one_step(carry, idx):
+            params, opt_state = carry
+            mb = jax.tree_util.tree_map(lambda x: x[idx], batch)
+            n_tokens = jnp.maximum(lax.psum(mb.mask.sum(), axis), 1.0)
+            (_, metrics), grads = jax.value_and_grad(local_loss, has_aux=True)(params, mb, n_tokens)
+            grads, metrics = lax.psum((grads, metrics), axis)
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), metrics
+
+        idx = perms.reshape(epochs * minibatches, b // minibatches)
+        (params, opt_state), metrics = lax.scan(one_step, (params, opt_state), idx)
+        return params, opt_state, jax.tree_util.tree_map(jnp.mean, metrics)
+
+    return jax.jit(_shard_map(shard, mesh=mesh, in_specs=(P(), P(), P(axis), P()), out_specs=P(), **_NO_CHECK))
 
 
 def grpo_finetuner(cfg, tokenizer, task, optimizer: optax.GradientTransformation, *, group_size: int,
                    prompt_len: int, max_new_tokens: int, temperature: float = 1.0, clip_eps: float = 0.2,
                    kl_coef: float = 0.0, ref_params=None, minibatches: int = 1, epochs: int = 1) -> GRPOFinetuner:
-    """GRPO fine-tuner on the same harness. ref_params: the KL reference (needed if kl_coef > 0)."""
+    """GRPO fine-tuner on the same harness. ref_params: the KL reference (needed if kl_coef > 0).
+    One device: the update of `make_grpo`. Several devices (of one or several processes): data
+    parallel (`_data_parallel_step`)."""
     if group_size < 2:
         raise ValueError(f"GRPO needs group_size >= 2 samples per prompt, got {group_size}")
     if kl_coef and ref_params is None:
@@ -185,10 +251,21 @@ def grpo_finetuner(cfg, tokenizer, task, optimizer: optax.GradientTransformation
         raise ValueError(f"GRPO samples at temperature > 0, got {temperature}")
     logprob_fn = transformer_logprob_fn(cfg)
     algo = make_grpo(logprob_fn, optimizer, max_new_tokens, clip_eps=clip_eps, kl_coef=kl_coef,
-                              minibatches=minibatches, epochs=epochs)
+                     minibatches=minibatches, epochs=epochs)
+    place = distributed.replicate
 
     def init(key, params) -> GRPOState:
-        return GRPOState(params, optimizer.init(params), jnp.asarray(key))
+        return place(GRPOState(params, optimizer.init(params), jnp.asarray(key)))
+
+    if jax.device_count() > 1:
+        mesh = population_mesh()
+        update = data_parallel_update(logprob_fn, optimizer, max_new_tokens, mesh, clip_eps=clip_eps,
+                                      kl_coef=kl_coef, minibatches=minibatches, epochs=epochs)
+        step = _data_parallel_step(cfg, tokenizer, task, algo, update, place(ref_params) if kl_coef else None,
+                                   group_size=group_size, prompt_len=prompt_len, minibatches=minibatches,
+                                   sample=dict(max_new_tokens=max_new_tokens, temperature=temperature))
+        return GRPOFinetuner(init, step, _communication(update, mesh, group_size, prompt_len, max_new_tokens,
+                                                        minibatches * epochs, bool(kl_coef)))
 
     def step(state: GRPOState, examples: Sequence[dict]):
         p = len(examples)
@@ -211,4 +288,74 @@ def grpo_finetuner(cfg, tokenizer, task, optimizer: optax.GradientTransformation
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         return GRPOState(params, opt_state, key), {**diag, **m, "samples": p * group_size}
 
-    return GRPOFinetuner(init, step)
+    return GRPOFinetuner(init, step, lambda state, prompts: {})
+
+
+def _data_parallel_step(cfg, tokenizer, task, algo: GRPO, update, ref_params, *, group_size: int, prompt_len: int,
+                        minibatches: int, sample: dict) -> Callable:
+    """The GRPO step over every device of every process: process p samples, scores and holds the
+    rows of its prompts (a contiguous 1/P of them, spread over its devices, device d drawing from
+    fold_in(fold_in(key, p), d)); `update` all-reduces the gradients; rewards, stops and answer ids
+    (12 bytes per row) are all-gathered for the diagnostics."""
+    mesh, local = population_mesh(), local_mesh()
+    procs, me = jax.process_count(), jax.process_index()
+    rows = NamedSharding(mesh, P(AXIS))
+    split = jax.jit(lambda k: tuple(jax.random.split(k, 3)))
+
+    def global_rows(x):  # this process's rows -> its block of a batch sharded over every device
+        return None if x is None else jax.make_array_from_process_local_data(rows, np.asarray(x))
+
+    def step(state: GRPOState, examples: Sequence[dict]):
+        state, p, g = distributed.replicate(state), len(examples), group_size
+        check_data_parallel(p, g, minibatches)
+        key, k_sample, k_update = split(state.key)
+        ids, lens = tokenizer.encode_batch([task.prompt(e) for e in examples], length=prompt_len)  # all: same counts
+        q = p // procs
+        mine = list(examples[me * q:(me + 1) * q])
+        ids, lens = np.repeat(ids[me * q:(me + 1) * q], g, axis=0), np.repeat(lens[me * q:(me + 1) * q], g)
+        gen = generate_rows(local_view(state.params, local), cfg, ids, lens, mesh=local,
+                            key=jax.random.fold_in(np.asarray(k_sample), me), eos_ids=tokenizer.eos_ids,
+                            pad_id=tokenizer.pad_id, **sample)
+        texts = decode_rows(tokenizer, gen.tokens)
+        rewards = task.score_batch(texts, [e for e in mine for _ in range(g)]).reshape(q, g)
+        batch = build_batch(ids, lens, gen.tokens, gen.lengths, np.asarray(group_advantages(rewards)).reshape(-1), None)
+        batch = GRPOBatch(*(global_rows(x) for x in batch))
+        old = algo.logprobs(state.params, batch.tokens, batch.positions)
+        ref = algo.logprobs(ref_params, batch.tokens, batch.positions) if ref_params is not None else None
+        params, opt_state, m = update(state.params, state.opt_state, batch._replace(old_logp=old, ref_logp=ref), k_update)
+        answers = [[answer_id(task.answer(texts[i * g + s])) for s in range(g)] for i in range(q)]
+        packed = distributed.allgather_host(pack_rows(rewards, gen.finished.reshape(q, g), answers)).reshape(p, g, 3)
+        scores, finished, answer_ids = unpack_rows(np.swapaxes(packed, 0, 1))  # (samples, prompts), as on one device
+        diag = generation_diagnostics(scores, answers=answer_ids, finished=finished)
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        return GRPOState(params, opt_state, key), {**diag, **m, "samples": p * g}
+
+    return step
+
+
+def _communication(update, mesh, group_size: int, prompt_len: int, completion_len: int, steps: int,
+                   kl: bool) -> Callable:
+    """(state, prompts) -> bytes per GRPO step: the update's collectives measured from its compiled
+    program (gradient all-reduce, once per optimizer step: x steps) + the diagnostics' gather."""
+    def communication(state: GRPOState, prompts: int) -> dict:
+        n = prompts * group_size
+        rows = NamedSharding(mesh, P(AXIS))
+
+        def spec(shape, dtype):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
+
+        c = completion_len
+        batch = GRPOBatch(spec((n, prompt_len + c), jnp.int32), spec((n, prompt_len + c), jnp.int32),
+                          spec((n, c), jnp.float32), spec((n,), jnp.float32), spec((n, c), jnp.float32),
+                          spec((n, c), jnp.float32) if kl else None)
+        state = distributed.replicate(state)
+        n_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(state.params))
+        measured = distributed.communication(update, state.params, state.opt_state, batch, state.key, mesh=mesh,
+                                             n_params=n_params)
+        gather = gather_bytes(prompts // jax.process_count() * group_size * 12)
+        return {k: measured[k] * steps + gather[k] for k in ("comm_bytes_per_process", "comm_bytes_sent_per_process")} | {
+            "update_bytes_per_device_per_optimizer_step": measured["comm_bytes_per_device"], "optimizer_steps": steps,
+            "comm_by_kind": measured["comm_by_kind"], "sgd_bf16_bytes": measured["sgd_bf16_bytes"],
+            "gathered": "gradients (all-reduce), rewards, stops, answer ids per row"}
+
+    return communication

@@ -13,6 +13,17 @@ tanh(actor(obs)) with a learned state-independent log std; the env receives the 
 policies use, so eval returns compare like for like. MPE: agents share the actor and critic
 (parameter sharing; each agent's transitions are separate samples with its own reward).
 
+Data parallel over every device of every process (`population_mesh`, D devices): each device
+steps num_envs / D of the environments (its rows of the replicated state; the random numbers are
+drawn for all environments and sliced: the same parameters give the same rollout for any D),
+computes GAE on them and draws its own minibatches from its samples; a minibatch's gradient, its
+loss terms and advantage statistics are sums of the devices' shares, taken by an all-gather
+added in device order (grad_reduce "gather": the same bits for any split of the devices over
+processes) or by XLA's all-reduce ("psum"). The environments' states are all-gathered once per
+update so the state stays replicated (what the checkpoint needs). One device: no collective, the
+single-device algorithm. `update_communication` measures the bytes of one update, loops counted
+as often as they run.
+
 Simplifications (stated, not hidden): episodes cut by the rollout horizon are treated as terminal
 (no value bootstrap at truncation); no observation or reward normalisation (the ES runs have none
 either); constant learning rate.
@@ -27,14 +38,19 @@ MLP and the same evaluation as the ES runs, which is what a like-for-like compar
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec as P
 
+from .. import distributed
 from ..models.mlp import init_mlp, mlp
+from ..population import _NO_CHECK, AXIS, _shard_map, population_mesh
 from ..tasks import rl as rlt
 
 
@@ -71,10 +87,13 @@ def _entropy(env, head, log_std):
     return jnp.sum(log_std + 0.5 * math.log(2 * math.pi * math.e)) * jnp.ones(head.shape[:-1])
 
 
-def _sample(env, key, head, log_std):
-    if env.discrete:
-        return jax.random.categorical(key, head).astype(jnp.int32)
-    return head + jnp.exp(log_std) * jax.random.normal(key, head.shape)
+def _sample(env, key, head, log_std, n_envs: int, block):
+    """Sample actions for this device's environments: the noise is drawn for all `n_envs`
+    environments (the same numbers for any device count) and `block` keeps this device's."""
+    shape = (n_envs, *head.shape[1:])
+    if env.discrete:  # = jax.random.categorical(key, logits): argmax(logits + Gumbel noise)
+        return jnp.argmax(block(jax.random.gumbel(key, shape, head.dtype)) + head, axis=-1).astype(jnp.int32)
+    return head + jnp.exp(log_std) * block(jax.random.normal(key, shape))
 
 
 def gae(rewards, values, dones, last_value, gamma, lam):
@@ -91,85 +110,216 @@ def gae(rewards, values, dones, last_value, gamma, lam):
     return adv, adv + values
 
 
-def make_ppo_trainer(env: rlt.Env, hp: dict, eval_episodes: int) -> rlt.Trainer:
-    E, T, act = hp["num_envs"], hp["rollout_len"], hp["activation"]
+class _Setup(NamedTuple):
+    """What every part of one PPO update needs to know."""
+
+    env: rlt.Env
+    hp: dict
+    sizes: tuple
+    tx: Any  # optax chain: clip by global norm, Adam
+    devices: int  # D: every device of every process
+    n_envs: int  # E, over all devices
+    local: int  # E / D: the environments of one device
+
+
+def _reductions(c: _Setup):
+    """(sum over the devices of a pytree, this device's share of a mean over every device's
+    samples). One device: (identity, jnp.mean). 'gather' all-gathers the partial sums and adds
+    them in device order (the same bits for any process layout); 'psum' is XLA's all-reduce."""
+    if c.devices == 1:
+        return (lambda tree: tree), jnp.mean
+
+    def gsum(tree):
+        if c.hp["grad_reduce"] == "psum":
+            return lax.psum(tree, AXIS)
+        flat, unravel = ravel_pytree(tree)  # one collective for the whole tree
+        return unravel(lax.all_gather(flat, AXIS).sum(0))
+
+    return gsum, lambda x: x.sum() / (x.size * c.devices)
+
+
+def _init(c: _Setup, seed):
+    ka, kc, ke, kr = jax.random.split(jax.random.PRNGKey(seed), 4)
+    actor = init_mlp(ka, c.sizes)
+    actor["layers"][-1]["w"] = actor["layers"][-1]["w"] * 0.01  # near-uniform initial policy
+    params = {"actor": actor, "critic": init_mlp(kc, (*c.sizes[:-1], 1)),
+              "log_std": jnp.full((c.env.num_outputs,), -0.5, jnp.float32)}  # not weak-typed: steps keep its type
+    env_state, ts = jax.vmap(c.env.reset)(jax.random.split(ke, c.n_envs))
+    E = c.n_envs
+    return PPOState(params, c.tx.init(params), env_state, ts, jnp.zeros((E,), jnp.int32), jnp.zeros((E,)), kr)
+
+
+def _env_step(c: _Setup, block, s: PPOState, key):
+    """One step of this device's environments; keys are split for all E, `block` keeps ours."""
+    env, act, E, El = c.env, c.hp["activation"], c.n_envs, c.local
+    k_act, k_step, k_reset = jax.random.split(key, 3)
+    head, log_std, value = _dist(env, s.params, s.ts.obs, s.ts.legal, act)
+    action = _sample(env, k_act, head, log_std, E, block)
+    logp = _log_prob(env, head, log_std, action)
+    env_action = action if env.discrete else jnp.clip(action, -1, 1)
+    env_state, ts = jax.vmap(env.step)(block(jax.random.split(k_step, E)), s.env_state, env_action)
+    t = s.t + 1
+    done = ts.done | (t >= env.horizon)
+    ep_ret = s.ep_ret + ts.reward.mean(-1)
+    fresh_state, fresh_ts = jax.vmap(env.reset)(block(jax.random.split(k_reset, E)))
+    pick = lambda new, old: jnp.where(done.reshape((El,) + (1,) * (new.ndim - 1)), new, old)
+    env_state = jax.tree_util.tree_map(pick, fresh_state, env_state)
+    next_ts = jax.tree_util.tree_map(pick, fresh_ts, ts)
+    trans = {"obs": s.ts.obs, "legal": s.ts.legal, "action": action, "logp": logp, "value": value,
+             "reward": ts.reward, "done": done, "finished": jnp.where(done, ep_ret, 0.0)}
+    s = s._replace(env_state=env_state, ts=next_ts, t=jnp.where(done, 0, t), ep_ret=jnp.where(done, 0.0, ep_ret))
+    return s, trans
+
+
+def _loss(c: _Setup, params, b, adv_stats, mean):
+    """The clipped-surrogate loss of a minibatch (this device's share of it when mean is one)."""
+    hp = c.hp
+    head, log_std, value = _dist(c.env, params, b["obs"], b["legal"], hp["activation"])
+    logp = _log_prob(c.env, head, log_std, b["action"])
+    ratio = jnp.exp(logp - b["logp"])
+    adv = (b["adv"] - adv_stats[0]) / (adv_stats[1] + 1e-8)
+    pg = -mean(jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - hp["clip_eps"], 1 + hp["clip_eps"]) * adv))
+    vf = 0.5 * mean((value - b["ret"]) ** 2)
+    ent = mean(_entropy(c.env, head, log_std))
+    return pg + hp["vf_coef"] * vf - hp["ent_coef"] * ent, (pg, vf, ent)
+
+
+def _adv_stats(c: _Setup, adv, gsum):
+    """Mean and std of the minibatch's advantages over every device's share of it."""
+    if c.devices == 1:
+        return adv.mean(), adv.std()
+    total, sq = gsum((adv.sum(), (adv * adv).sum()))
+    n = adv.size * c.devices
+    mean = total / n
+    return mean, jnp.sqrt(jnp.maximum(sq / n - mean * mean, 0.0))
+
+
+def _learn(c: _Setup, params, opt_state, batch, key, dev):
+    """ppo_epochs x minibatches Adam steps on this device's samples (every device draws its own
+    minibatches; the gradient of the whole minibatch is the sum of the devices' shares)."""
+    M = c.hp["minibatches"]
+    n = batch["adv"].shape[0]
+    mb = n // M
+    gsum, mean = _reductions(c)
+
+    def epoch(carry, key):
+        key = key if c.devices == 1 else jax.random.fold_in(key, dev)
+        perm = jax.random.permutation(key, n)[: mb * M].reshape(M, mb)
+
+        def minibatch(carry, idx):
+            params, opt_state = carry
+            b = jax.tree_util.tree_map(lambda x: x[idx], batch)
+            stats = _adv_stats(c, b["adv"], gsum)  # not a function of params: no gradient through it
+            grads, aux = jax.grad(lambda p: _loss(c, p, b, stats, mean), has_aux=True)(params)
+            grads, aux = gsum((grads, aux))
+            updates, opt_state = c.tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), aux
+
+        return lax.scan(minibatch, carry, perm)
+
+    return lax.scan(epoch, (params, opt_state), jax.random.split(key, c.hp["ppo_epochs"]))
+
+
+def _update(c: _Setup, s: PPOState, dev):
+    """One PPO update on this device's E / D environments (`dev`: its index on the mesh)."""
+    hp, env, T = c.hp, c.env, c.hp["rollout_len"]
+    block = (lambda x: x) if c.devices == 1 else (lambda x: lax.dynamic_slice_in_dim(x, dev * c.local, c.local))
+    rng, k_roll, k_perm = jax.random.split(s.rng, 3)
+    s, tr = lax.scan(lambda s, k: _env_step(c, block, s, k), s._replace(rng=rng), jax.random.split(k_roll, T))
+    _, _, last_value = _dist(env, s.params, s.ts.obs, s.ts.legal, hp["activation"])
+    dones = jnp.broadcast_to(tr["done"][..., None], tr["reward"].shape).astype(jnp.float32)
+    adv, ret = gae(tr["reward"], tr["value"], dones, last_value, hp["gamma"], hp["gae_lambda"])
+    # samples: every (step, env, agent) of this device; (T, E/D, A, ...) -> (T*E/D*A, ...)
+    n = T * c.local * env.num_agents
+    batch = {k: tr[k].reshape(n, *tr[k].shape[3:]) for k in ("obs", "legal", "action", "logp", "value")}
+    batch.update(adv=adv.reshape(n), ret=ret.reshape(n))
+    (params, opt_state), (pg, vf, ent) = _learn(c, s.params, s.opt_state, batch, k_perm, dev)
+    n_done, finished = _reductions(c)[0]((tr["done"].sum(), tr["finished"].sum()))
+    metrics = {"env_steps": jnp.int32(T * c.n_envs), "policy_loss": pg.mean(), "value_loss": vf.mean(),
+               "entropy": ent.mean(), "episodes_done": n_done,
+               "train_return": jnp.where(n_done > 0, finished / jnp.maximum(n_done, 1), jnp.nan)}
+    if c.devices > 1:  # every device gets every environment back: the state stays replicated
+        gather = lambda x: lax.all_gather(x, AXIS, tiled=True)
+        s = s._replace(**{k: jax.tree_util.tree_map(gather, getattr(s, k)) for k in ("env_state", "ts", "t", "ep_ret")})
+    return s._replace(params=params, opt_state=opt_state), metrics
+
+
+def make_ppo_trainer(env: rlt.Env, hp: dict, eval_episodes: int, mesh=None) -> rlt.Trainer:
+    """PPO data-parallel over the devices of `mesh` (default: every device of every process):
+    each device steps num_envs / D of the environments and learns on their samples; only
+    gradients, a few loss scalars and (once per update) the environments' states cross devices."""
+    mesh = population_mesh() if mesh is None else mesh
+    D = mesh.size
     sizes = rlt.policy_sizes(env, hp["hidden"])
     tx = optax.chain(optax.clip_by_global_norm(hp["max_grad_norm"]), optax.adam(hp["ppo_lr"], eps=1e-5))
-    reset_v, step_v = jax.vmap(env.reset), jax.vmap(env.step)
-
-    def init_fn(seed):
-        key = jax.random.PRNGKey(seed)
-        ka, kc, ke, kr = jax.random.split(key, 4)
-        actor = init_mlp(ka, sizes)
-        actor["layers"][-1]["w"] = actor["layers"][-1]["w"] * 0.01  # near-uniform initial policy
-        params = {"actor": actor, "critic": init_mlp(kc, (*sizes[:-1], 1)),
-                  "log_std": jnp.full((env.num_outputs,), -0.5)}
-        env_state, ts = reset_v(jax.random.split(ke, E))
-        return PPOState(params, tx.init(params), env_state, ts, jnp.zeros((E,), jnp.int32), jnp.zeros((E,)), kr)
-
-    def env_step(s: PPOState, key):
-        k_act, k_step, k_reset = jax.random.split(key, 3)
-        head, log_std, value = _dist(env, s.params, s.ts.obs, s.ts.legal, act)
-        action = _sample(env, k_act, head, log_std)
-        logp = _log_prob(env, head, log_std, action)
-        env_action = action if env.discrete else jnp.clip(action, -1, 1)
-        env_state, ts = step_v(jax.random.split(k_step, E), s.env_state, env_action)
-        t = s.t + 1
-        done = ts.done | (t >= env.horizon)
-        ep_ret = s.ep_ret + ts.reward.mean(-1)
-        fresh_state, fresh_ts = reset_v(jax.random.split(k_reset, E))
-        pick = lambda new, old: jnp.where(done.reshape((E,) + (1,) * (new.ndim - 1)), new, old)
-        env_state = jax.tree_util.tree_map(pick, fresh_state, env_state)
-        next_ts = jax.tree_util.tree_map(pick, fresh_ts, ts)
-        trans = {"obs": s.ts.obs, "legal": s.ts.legal, "action": action, "logp": logp, "value": value,
-                     "reward": ts.reward, "done": done, "finished": jnp.where(done, ep_ret, 0.0)}
-        s = s._replace(env_state=env_state, ts=next_ts, t=jnp.where(done, 0, t), ep_ret=jnp.where(done, 0.0, ep_ret))
-        return s, trans
-
-    def loss_fn(params, b):
-        head, log_std, value = _dist(env, params, b["obs"], b["legal"], act)
-        logp = _log_prob(env, head, log_std, b["action"])
-        ratio = jnp.exp(logp - b["logp"])
-        adv = (b["adv"] - b["adv"].mean()) / (b["adv"].std() + 1e-8)
-        pg = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - hp["clip_eps"], 1 + hp["clip_eps"]) * adv).mean()
-        vf = 0.5 * jnp.mean((value - b["ret"]) ** 2)
-        ent = _entropy(env, head, log_std).mean()
-        return pg + hp["vf_coef"] * vf - hp["ent_coef"] * ent, (pg, vf, ent)
-
-    def update(s: PPOState):
-        rng, k_roll, k_perm = jax.random.split(s.rng, 3)
-        s, tr = lax.scan(env_step, s._replace(rng=rng), jax.random.split(k_roll, T))
-        _, _, last_value = _dist(env, s.params, s.ts.obs, s.ts.legal, act)
-        dones = jnp.broadcast_to(tr["done"][..., None], tr["reward"].shape).astype(jnp.float32)
-        adv, ret = gae(tr["reward"], tr["value"], dones, last_value, hp["gamma"], hp["gae_lambda"])
-        # samples: every (step, env, agent); (T, E, A, ...) -> (T*E*A, ...)
-        n = T * E * env.num_agents
-        batch = {k: tr[k].reshape(n, *tr[k].shape[3:]) for k in ("obs", "legal", "action", "logp", "value")}
-        batch.update(adv=adv.reshape(n), ret=ret.reshape(n))
-        mb = n // hp["minibatches"]
-
-        def epoch(carry, key):
-            params, opt_state = carry
-            perm = jax.random.permutation(key, n)[: mb * hp["minibatches"]].reshape(hp["minibatches"], mb)
-
-            def minibatch(carry, idx):
-                params, opt_state = carry
-                grads, aux = jax.grad(loss_fn, has_aux=True)(params, jax.tree_util.tree_map(lambda x: x[idx], batch))
-                updates, opt_state = tx.update(grads, opt_state, params)
-                return (optax.apply_updates(params, updates), opt_state), aux
-
-            return lax.scan(minibatch, (params, opt_state), perm)
-
-        (params, opt_state), (pg, vf, ent) = lax.scan(epoch, (s.params, s.opt_state),
-                                                      jax.random.split(k_perm, hp["ppo_epochs"]))
-        n_done = tr["done"].sum()
-        metrics = {"env_steps": jnp.int32(T * E), "policy_loss": pg.mean(), "value_loss": vf.mean(),
-                   "entropy": ent.mean(), "episodes_done": n_done,
-                   "train_return": jnp.where(n_done > 0, tr["finished"].sum() / jnp.maximum(n_done, 1), jnp.nan)}
-        return s._replace(params=params, opt_state=opt_state), metrics
-
-    init_jit, update_jit = jax.jit(init_fn), jax.jit(update)
-    eval_jit = jax.jit(lambda p, k: rlt.evaluate_policy(env, p, k, eval_episodes, act))
+    c = _Setup(env, hp, sizes, tx, D, hp["num_envs"], hp["num_envs"] // D)
+    if D == 1:
+        update = lambda s: _update(c, s, 0)
+    else:
+        envs = P(AXIS)  # the environment axis is split over the devices (inputs replicated: a local slice)
+        specs = PPOState(P(), P(), envs, envs, envs, envs, P())
+        update = _shard_map(lambda s: _update(c, s, lax.axis_index(AXIS)), mesh=mesh, in_specs=(specs,),
+                            out_specs=(P(), P()), **_NO_CHECK)
+    place = distributed.replicate
+    init_jit, update_jit = jax.jit(lambda seed: _init(c, seed)), jax.jit(update)
+    eval_jit = jax.jit(lambda p, k: rlt.evaluate_policy(env, p, k, eval_episodes, hp["activation"]))
     n_params = sum(a * b + a for a, b in zip(sizes[1:], sizes[:-1]))
-    return rlt.Trainer(env, init_jit, update_jit, lambda s, k: eval_jit(s.params["actor"], k),
-                       lambda s: s.params, n_params)
+    measured: dict = {}
+
+    def communication(s, ctx=None):
+        if not measured:
+            n_all = sum(x.size for x in jax.tree_util.tree_leaves(s.params))
+            measured.update(update_communication(update_jit, place(s), n_params=n_all, mesh=mesh))
+        return measured
+
+    return rlt.Trainer(env, lambda seed: place(init_jit(seed)), lambda seed: None,
+                       lambda s, ctx=None: update_jit(place(s)),
+                       lambda s, k: eval_jit(place(s.params["actor"]), place(k)), lambda s: s.params, n_params,
+                       communication)
+
+
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CALLEE = re.compile(r"\b(?:body|calls|to_apply|branch_computations)=\{?%([\w.\-]+)")
+
+
+def loop_collective_bytes(hlo_text: str) -> dict:
+    """distributed.collective_bytes of a compiled program, with every collective counted as
+    often as it runs: an op in a while body counts `known_trip_count` times (nested loops
+    multiply), so a PPO update's per-minibatch gradient counts epochs x minibatches times."""
+    comps, name = {}, None
+    for line in hlo_text.splitlines():
+        m = re.match(r"(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)
+        if m:
+            name = "ENTRY" if line.startswith("ENTRY") else m.group(1)
+            comps[name] = []
+        elif name is not None:
+            comps[name].append(line)
+
+    def total(comp: str, seen=()) -> dict:
+        lines = comps.get(comp, [])
+        out = dict(distributed.collective_bytes("\n".join(lines)))
+        for line in lines:
+            trips = int(_TRIPS.search(line).group(1)) if " while(" in line and _TRIPS.search(line) else 1
+            for callee in _CALLEE.findall(line):
+                if callee in comps and callee not in seen:
+                    for k, v in total(callee, (*seen, comp)).items():
+                        out[k] = out.get(k, 0) + trips * v
+        return out
+
+    return total("ENTRY")
+
+
+def update_communication(jitted, *args, n_params: int, mesh) -> dict:
+    """distributed.communication of one PPO update, its byte counts weighted by loop trips:
+    comm_bytes_per_device is what one device sends in a whole update; comm_bytes_once counts
+    each collective of the program once (one rollout + one minibatch step)."""
+    out = distributed.communication(jitted, *args, n_params=n_params, mesh=mesh)
+    per_kind = loop_collective_bytes(jitted.lower(*args).compile().as_text())
+    dev = sum(per_kind.values())
+    devices = list(mesh.devices.reshape(-1))
+    local = sum(1 for d in devices if d.process_index == jax.process_index())
+    procs = len({d.process_index for d in devices})
+    out.update(comm_bytes_once=out["comm_bytes_per_device"], comm_by_kind=per_kind, comm_bytes_per_device=dev,
+               comm_bytes_per_process=dev * local,
+               comm_bytes_sent_per_process=dev * len(devices) * (procs - 1) // procs)
+    return out

@@ -1,44 +1,53 @@
 """countdown-mini: EGGROLL vs GRPO fine-tuning of a tiny transformer on Countdown, on a CPU.
 
     eggroll train countdown-mini                       # SFT once, then both fine-tunes, seed 0
-    eggroll train countdown-mini --seeds 0,1,2 --budget-s 120
+    eggroll train countdown-mini --seeds 0,1,2 --budget-s 120 [--resume]
 
 1. Problems. Three numbers in 1..10 and a target in 1..100 reachable with + - * / using every
-   number exactly once (our builtin Countdown generator, same rules as reasoning-gym). The
-   prompt is "3 5 7>22:" and the answer an expression such as "3*5+7", then EOS, in a
-   22-character vocabulary (`CharTokenizer`). A fixed held-out set (never trained on) measures
-   accuracy: greedy decoding, reward 1 for a correct expression.
-2. Supervised start. A tiny Qwen-style transformer (eggroll.models.transformer, ~150k params by
-   default) learns from brute-force solutions (`solve_countdown`) with Adam and is stopped once
-   its held-out accuracy reaches `sft_target` (modest, on purpose: RL has room to improve it)
-   or after `sft_max_steps`. The checkpoint goes to <run_dir>/sft and is reused by later runs
-   with the same SFT settings.
-3. Fine-tuning from that same checkpoint, each for `budget_s` seconds (generation, decoding,
-   scoring and updates count; compilation -- one warm-up step whose result is discarded -- and
-   the periodic held-out evaluations do not). The clock is the process's CPU time by default
-   (`--clock cpu`): on a machine shared with other jobs, wall-clock budgets measure the
-   neighbours' load as much as the algorithms; on an idle 2-core machine CPU seconds are about
-   twice wall seconds for both. `--clock wall` uses wall-clock time (use it on a dedicated
-   machine or a GPU). Each record carries both. EGGROLL (population x prompts greedy generations per step, group z-score fitness,
+   number exactly once (our builtin Countdown generator, same rules as reasoning-gym). Prompt
+   "3 5 7>22:", answer "3*5+7" then EOS, a 22-character vocabulary (`CharTokenizer`). A fixed
+   held-out set (never trained on): greedy decoding, reward 1 for a correct expression.
+2. Supervised start. A tiny Qwen-style transformer (~150k params by default) learns from
+   brute-force solutions (`solve_countdown`) with Adam until its held-out accuracy reaches
+   `sft_target` (modest on purpose: RL has room to improve it) or `sft_max_steps`. The
+   checkpoint, <run_dir>/sft, is reused by later runs with the same SFT settings.
+3. Fine-tuning from it, EGGROLL (population x prompts greedy answers, group z-score fitness,
    low-rank noise on the weight matrices) and GRPO (prompts x group samples at temperature 1,
-   clipped token-mean loss, Adam). Both use `eggroll.tasks.finetune`, the same sampler and
-   scorer.
+   clipped token-mean loss, Adam), both through `eggroll.tasks.finetune`, each for `budget_s`
+   seconds of its steps (generation, decoding, scoring, updates; not the compilation -- one
+   warm-up step, discarded -- nor the held-out evaluations). The clock is the process's CPU
+   time by default (`--clock cpu`: on a shared machine wall-clock budgets measure the
+   neighbours' load; on an idle 2-core machine CPU seconds are about twice wall seconds for
+   both); `--clock wall` for a dedicated machine or a GPU. The held-out set is evaluated when
+   the budget clock crosses a multiple of `eval_every_s` (and every `eval_every` steps if set)
+   and at the end.
 
-Outputs in run_dir: curves.jsonl (one line per evaluation: strategy, seed, train_s, accuracy,
-...), steps.jsonl (per-step diagnostics), curves.png (held-out accuracy vs wall clock),
-result.json; the last line printed is {"eggroll_accuracy", "grpo_accuracy", "start_accuracy",
-"budget_s", ...} with accuracies averaged over seeds. Evaluations are appended to curves.jsonl as
-they happen; a (strategy, seed) run already finished in run_dir is not repeated (delete its
-lines to redo it), an interrupted one is redone from the start.
+Each fine-tune is one run of the run harness (`eggroll.harness`) in run_dir/<strategy>-seed<k>
+(config.json, metrics.jsonl, curve.png, checkpoint/, result.json): the budget is its budget stop
+on the running total of step seconds (`cpu_s` / `step_s`), `--generations` caps its steps, the
+prompts of step t are the t-th draw of a seeded stream, so `--resume` continues an interrupted
+fine-tune exactly. A fine-tune finished in run_dir with the same settings is not repeated;
+without --resume an interrupted one starts again from the SFT checkpoint. Rebuilt from the
+fine-tunes after each one: run_dir/curves.jsonl (one line per evaluation: strategy, seed, step,
+train_s on the budget clock, wall_s, accuracy, samples so far, ...), steps.jsonl (per step),
+curves.png (accuracy vs budget clock) and result.json; the last line printed is
+{"eggroll_accuracy", "grpo_accuracy", "start_accuracy", "budget_s", ...}, averaged over seeds.
+
+Several processes (`--coordinator HOST:PORT --num-processes P --process-id I`): every process
+trains the same SFT model and process 0 writes it; EGGROLL splits its members over every device
+of every process (rewards cross: 12 bytes per (member, prompt) row), GRPO is data parallel
+(gradients all-reduced); the step seconds are the slowest process's (8 bytes per step), so all
+stop and evaluate at the same step. Process 0 writes; every process reads the run directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
-import sys
 import time
+from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,21 +55,25 @@ import jax
 import numpy as np
 import optax
 
+from .. import distributed, harness
 from ..baselines import grpo as grpo_mod
-from ..checkpoint import load_checkpoint, save_checkpoint
-from ..models import transformer as tfm
-from ..runlog import write_json
-from ..tasks.char_tokenizer import CharTokenizer
-from ..baselines.grpo import grpo_finetuner
-from ..tasks.finetune import es_finetuner, evaluate_accuracy, llm_kinds
-from ..tasks.reasoning import CountdownSpec, countdown_task, solve_countdown
+from ..baselines.grpo import check_data_parallel, grpo_finetuner
 from ..config import OPTIMIZERS, flag
+from ..models import transformer as tfm
+from ..runlog import read_metrics, write_json
+from ..tasks.char_tokenizer import CharTokenizer
+from ..tasks.finetune import BudgetClock, PromptStream, es_finetuner, evaluate_accuracy, llm_kinds
+from ..tasks.reasoning import CountdownSpec, countdown_task, solve_countdown
 
 SPEC = CountdownSpec(min_numbers=3, max_numbers=3, min_value=1, max_value=10, min_target=1, max_target=100)
 TEMPLATE = "{numbers_str}>{target}:"
 PROMPT_LEN = 13  # "10 10 10>100:"
 SFT_FIELDS = ("hidden", "layers", "sft_seed", "sft_problems", "sft_batch", "sft_lr", "sft_target",
               "sft_max_steps", "eval_problems")
+STRATEGY_FIELDS = {"eggroll": ("population", "es_prompts", "sigma", "rank", "es_lr", "es_optimizer", "perturb_embeddings"),
+                   "grpo": ("grpo_prompts", "group_size", "grpo_lr", "clip_eps", "kl_coef", "minibatches")}
+BUDGET_FIELDS = ("budget_s", "clock", "generations")  # a finished fine-tune is reused only if these match too
+NO_CAP = 10**9  # the step cap of a fine-tune when --generations is 0
 
 ES_OPTIMIZERS = ("adam", "sgd")  # of config.OPTIMIZERS
 
@@ -68,8 +81,8 @@ _arg = flag  # Config field -> CLI flag (eggroll.config.flag)
 
 
 @dataclass
-class Config:
-    seeds: str = _arg("0", "fine-tuning seeds, comma separated (each runs EGGROLL and GRPO)")
+class Config(harness.RunConfig):
+    seeds: str = _arg("", "fine-tuning seeds, comma separated, each runs every strategy (empty: --seed)")
     budget_s: float = _arg(120.0, "seconds of fine-tuning per strategy and seed (on `clock`)")
     clock: str = _arg("cpu", "budget clock: cpu (process CPU time, robust on a shared machine) or wall",
                       ("cpu", "wall"))
@@ -86,7 +99,7 @@ class Config:
     sft_target: float = _arg(0.25, "stop supervised training at this held-out accuracy")
     sft_max_steps: int = _arg(3000, "supervised step limit")
     # EGGROLL
-    population: int = _arg(128, "EGGROLL population (even)")
+    population: int = _arg(128, "EGGROLL population (even, a multiple of the device count)")
     es_prompts: int = _arg(16, "EGGROLL prompts per generation (every member answers all)")
     sigma: float = _arg(0.004, "EGGROLL noise scale")
     rank: int = _arg(1, "EGGROLL perturbation rank")
@@ -103,7 +116,13 @@ class Config:
     # misc
     partial: float = _arg(0.0, "reward for a well-formed but wrong expression")
     max_new_tokens: int = _arg(14, "generated tokens per answer (incl. EOS)")
+    # the run fields, per fine-tune
+    generations: int = _arg(0, "step cap per fine-tune (0: none; the time budget stops it)")
+    eval_every: int = _arg(0, "also evaluate every k fine-tuning steps (0: only every eval_every_s)")
+    checkpoint_every: int = _arg(20, "checkpoint each fine-tune every k steps (0: only at its end)")
+    seed: int = _arg(0, "the fine-tuning seed when --seeds is empty")
     run_dir: str = _arg("runs/countdown-mini", "run directory")
+    time_limit: float = _arg(0.0, "stop a fine-tune after this many wall seconds (0: none); --resume continues it")
     progress: bool = _arg(True, "print progress to stderr")
 
 
@@ -121,6 +140,12 @@ def validate(cfg: Config) -> Config:
     need(cfg.hidden % 16 == 0 and cfg.hidden >= 16, f"hidden must be a multiple of 16, got {cfg.hidden}")
     need(all(s in ("eggroll", "grpo") for s in _csv(cfg.strategies)), f"strategies must be eggroll/grpo, got {cfg.strategies!r}")
     need(cfg.max_new_tokens >= 12, "max_new_tokens must be >= 12 (longest solution + EOS)")
+    need(min(cfg.generations, cfg.eval_every, cfg.checkpoint_every) >= 0 and math.isfinite(cfg.time_limit)
+         and cfg.time_limit >= 0, "generations, eval_every, checkpoint_every and time_limit must be >= 0")
+    if "eggroll" in _csv(cfg.strategies):
+        harness.check_population(cfg.population)  # every device of every process
+    if "grpo" in _csv(cfg.strategies):
+        check_data_parallel(cfg.grpo_prompts, cfg.group_size, cfg.minibatches)
     _ = seeds_of(cfg)
     return cfg
 
@@ -131,7 +156,7 @@ def _csv(s: str) -> list[str]:
 
 def seeds_of(cfg: Config) -> list[int]:
     try:
-        return [int(s) for s in _csv(cfg.seeds)]
+        return [int(s) for s in _csv(cfg.seeds)] or [cfg.seed]
     except ValueError:
         raise ValueError(f"seeds must be comma-separated integers, got {cfg.seeds!r}") from None
 
@@ -174,16 +199,17 @@ def problem_sets(cfg: Config, task):
 
 def _log(cfg, msg):
     if cfg.progress:
-        print(f"[countdown-mini] {msg}", file=sys.stderr, flush=True)
+        distributed.say(f"[countdown-mini] {msg}")
 
 
 def supervised_start(cfg: Config, mcfg, tok, task, held, train) -> tuple:
-    """Train (or reuse) the SFT checkpoint -> (params, start accuracy)."""
+    """Train (or reuse) the SFT checkpoint -> (params, start accuracy, metadata). Every process
+    trains the same model; process 0 writes it."""
     ckpt = Path(cfg.run_dir) / "sft"
     sft_cfg = {k: getattr(cfg, k) for k in SFT_FIELDS}
     template = tfm.init_params(jax.random.PRNGKey(cfg.sft_seed), mcfg)
-    if (ckpt / "arrays.safetensors").exists():
-        params, meta = load_checkpoint(ckpt, template)
+    if distributed.checkpoint_exists(ckpt):
+        params, meta = distributed.load_checkpoint(ckpt, template)
         if meta.get("sft_config") == sft_cfg:
             _log(cfg, f"reusing SFT checkpoint {ckpt} (held-out accuracy {meta['accuracy']:.3f})")
             return params, meta["accuracy"], meta
@@ -220,7 +246,7 @@ def supervised_start(cfg: Config, mcfg, tok, task, held, train) -> tuple:
             break
     meta = {"accuracy": acc, "steps": steps, "sft_s": round(time.perf_counter() - t0, 1), "sft_config": sft_cfg,
             "num_params": tfm.num_params(params)}
-    save_checkpoint(ckpt, params, meta)
+    distributed.save_checkpoint(ckpt, params, meta)
     return params, acc, meta
 
 
@@ -229,88 +255,145 @@ def _accuracy(cfg, params, mcfg, tok, task, held) -> float:
                              max_new_tokens=cfg.max_new_tokens)["accuracy"]
 
 
-def finetune(cfg: Config, strategy: str, seed: int, params0, mcfg, tok, task, held, train, start_acc,
-             steps_log, curves) -> list[dict]:
-    """One fine-tuning run under the wall-clock budget -> its evaluation records."""
-    key = jax.random.PRNGKey(seed)
-    if strategy == "eggroll":
-        opt = OPTIMIZERS[cfg.es_optimizer](cfg.es_lr)
-        ft = es_finetuner(mcfg, tok, task, opt, population=cfg.population, sigma=cfg.sigma,
-                          rank=cfg.rank, kinds=llm_kinds(embeddings=cfg.perturb_embeddings),
+# what every fine-tune shares: model config, tokenizer, task, problems and the SFT start
+Setup = namedtuple("Setup", "mcfg tok task held train params0 start_acc sft_meta")
+
+
+def trajectory(strategy: str) -> tuple:
+    return SFT_FIELDS + STRATEGY_FIELDS[strategy] + ("strategies", "seed", "partial", "max_new_tokens")
+
+
+def fine_tune_config(cfg: Config, strategy: str, seed: int) -> Config:
+    """The harness config of one fine-tune: its strategy and seed, its directory, evaluate() asked
+    every step (it evaluates on the budget clock's schedule), no progress bar (no step count)."""
+    return dataclasses.replace(cfg, strategies=strategy, seeds=str(seed), seed=seed, eval_every=1, progress=False,
+                               run_dir=str(Path(cfg.run_dir) / f"{strategy}-seed{seed}"),
+                               generations=cfg.generations or NO_CAP)
+
+
+def make_finetuner(cfg: Config, setup: Setup):
+    """(init, advance(state, examples), prompts per step, communication(state)) of cfg's strategy."""
+    s, key = setup, jax.random.PRNGKey(cfg.seed)
+    if cfg.strategies == "eggroll":
+        ft = es_finetuner(s.mcfg, s.tok, s.task, OPTIMIZERS[cfg.es_optimizer](cfg.es_lr), population=cfg.population,
+                          sigma=cfg.sigma, rank=cfg.rank, kinds=llm_kinds(embeddings=cfg.perturb_embeddings),
                           prompt_len=PROMPT_LEN, max_new_tokens=cfg.max_new_tokens)
-        n_prompts = cfg.es_prompts
-    else:
-        ft = grpo_finetuner(mcfg, tok, task, optax.adam(cfg.grpo_lr), group_size=cfg.group_size,
-                            prompt_len=PROMPT_LEN, max_new_tokens=cfg.max_new_tokens, clip_eps=cfg.clip_eps,
-                            kl_coef=cfg.kl_coef, ref_params=params0 if cfg.kl_coef else None,
-                            minibatches=cfg.minibatches)
-        n_prompts = cfg.grpo_prompts
-    state = ft.init(key, params0)
-    rng = random.Random(seed * 7919 + (strategy == "grpo"))
-    clock = time.process_time if cfg.clock == "cpu" else time.perf_counter
-    # compile outside the budget: one step on throw-away prompts, its result discarded
-    t0 = time.perf_counter()
-    ft.step(state, [train[i] for i in range(n_prompts)])
-    compile_s = time.perf_counter() - t0
-    c_start, w_start = clock(), time.perf_counter()
-    base = {"strategy": strategy, "seed": seed}
-    records = [{**base, "step": 0, "train_s": 0.0, "wall_s": 0.0, "accuracy": start_acc, "samples": 0,
-                "compile_s": round(compile_s, 2)}]
-    curves.write(json.dumps(records[0]) + "\n")
-    eval_c, eval_w, samples, step, next_eval = 0.0, 0.0, 0, 0, cfg.eval_every_s
-    final = False
-    while not final:  # the step that crosses the budget is the last, and is always evaluated
-        state, m = ft.step(state, [train[rng.randrange(len(train))] for _ in range(n_prompts)])
-        step += 1
-        samples += int(m["samples"])
-        train_s = clock() - c_start - eval_c
-        wall_s = time.perf_counter() - w_start - eval_w
-        steps_log.write(json.dumps({**base, "step": step, "train_s": round(train_s, 3), "wall_s": round(wall_s, 3),
-                                    **m}) + "\n")
-        final = train_s >= cfg.budget_s
-        if train_s >= next_eval or final:
-            c_e, w_e = clock(), time.perf_counter()
-            acc = _accuracy(cfg, state.params, mcfg, tok, task, held)
-            eval_c, eval_w = eval_c + clock() - c_e, eval_w + time.perf_counter() - w_e
-            records.append({**base, "step": step, "train_s": round(train_s, 3), "wall_s": round(wall_s, 3),
-                            "accuracy": acc, "samples": samples, "no_signal_frac": m["no_signal_frac"],
-                            "mean_reward": m["mean_reward"]})
-            if final:
-                records[-1]["final"] = True
-            curves.write(json.dumps(records[-1]) + "\n")  # as it happens: a killed run keeps its curve
-            curves.flush()
-            _log(cfg, f"{strategy} seed {seed}: {train_s:.0f}s ({cfg.clock}) step {step} held-out accuracy {acc:.3f} "
-                      f"(batch reward {m['mean_reward']:.3f}, no-signal {m['no_signal_frac']:.2f})")
-            next_eval = train_s + cfg.eval_every_s
-    return records
+        ctx = ft.setup(key, s.params0)  # the noise context: built once, passed to every step, never saved
+        return (lambda: ft.init(ctx, s.params0)), (lambda st, ex: ft.step(ctx, st, ex)), cfg.es_prompts, \
+            (lambda st: ft.communication(cfg.es_prompts))
+    ft = grpo_finetuner(s.mcfg, s.tok, s.task, optax.adam(cfg.grpo_lr), group_size=cfg.group_size,
+                        prompt_len=PROMPT_LEN, max_new_tokens=cfg.max_new_tokens, clip_eps=cfg.clip_eps,
+                        kl_coef=cfg.kl_coef, ref_params=s.params0 if cfg.kl_coef else None,
+                        minibatches=cfg.minibatches)
+    return (lambda: ft.init(key, s.params0)), ft.step, cfg.grpo_prompts, (lambda st: ft.communication(st, cfg.grpo_prompts))
+
+
+def make_train(cfg: Config, setup: Setup, top: Config) -> harness.Train:
+    """One fine-tune (cfg = fine_tune_config(top, ...)) for the harness. Budget: the running total
+    of step seconds on cfg.clock (`cpu_s` / `step_s`, agreed across processes) reaching budget_s.
+    Evaluations: each multiple of eval_every_s on that clock, every top.eval_every steps, the end."""
+    strategy, seed = cfg.strategies, cfg.seed
+    init, advance, n_prompts, comm = make_finetuner(cfg, setup)
+    draws = PromptStream(setup.train, seed * 7919 + (strategy == "grpo"), n_prompts)
+    t0 = time.perf_counter()  # compile outside the budget: one step on throw-away prompts, its result discarded
+    advance(init(), [setup.train[i] for i in range(n_prompts)])
+    compile_s = round(time.perf_counter() - t0, 2)
+    clock, last = BudgetClock(cfg.clock, cfg.budget_s), {}
+
+    def step(state, gen):
+        (state, m), spent = clock.timed(advance, state, draws.at(gen))
+        last.update(m)
+        return state, {**m, **spent}
+
+    def evaluate(state, gen):
+        if gen == 0:  # the SFT checkpoint itself
+            return {"accuracy": setup.start_acc}
+        if not (clock.over() or gen >= cfg.generations or clock.crossed(cfg.eval_every_s)
+                or (top.eval_every and gen % top.eval_every == 0)):
+            return {}
+        acc = _accuracy(cfg, state.params, setup.mcfg, setup.tok, setup.task, setup.held)
+        _log(top, f"{strategy} seed {seed}: {clock.now:.0f}s ({cfg.clock}) step {gen} held-out accuracy {acc:.3f} "
+                  f"(batch reward {last['mean_reward']:.3f}, no-signal {last['no_signal_frac']:.2f})")
+        return {"accuracy": acc}
+
+    def communication(state) -> dict:  # the fine-tuner's + the agreed step seconds (2 float32 per process)
+        c, procs = comm(state), jax.process_count()
+        return {**c, "comm_bytes_per_process": c.get("comm_bytes_per_process", 0) + 8 * (procs > 1),
+                "comm_bytes_sent_per_process": c.get("comm_bytes_sent_per_process", 0) + 8 * (procs - 1),
+                "clock_bytes_per_process": 8 * (procs > 1)}
+
+    settings = {k: getattr(cfg, k) for k in trajectory(strategy) + BUDGET_FIELDS}
+    return harness.Train(
+        name=f"countdown-mini-{strategy}-seed{seed}", init=init, step=step, evaluate=evaluate,
+        trajectory=trajectory(strategy), title=f"countdown-mini: {strategy}, seed {seed}",
+        plot_keys=[("accuracy", "mean_reward"), ("no_signal_frac",)], totals=("cpu_s", "step_s", "samples"),
+        stop=clock.stop, communication=communication,
+        summary=lambda state, result: {"strategy": strategy, "seed": seed, "compile_s": compile_s, "settings": settings})
+
+
+def _finished(sub: Config) -> dict | None:
+    """The result of a fine-tune finished in sub.run_dir with sub's settings, else None."""
+    try:
+        result = json.loads((Path(sub.run_dir) / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    settings = {k: getattr(sub, k) for k in trajectory(sub.strategies) + BUDGET_FIELDS}
+    return result if result.get("stopped") == "budget" and result.get("settings") == settings else None
 
 
 def run(cfg: Config) -> dict:
     validate(cfg)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+    if distributed.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", dataclasses.asdict(cfg))
     tok, task = CharTokenizer(), make_task(cfg)
     mcfg = model_config(cfg, tok.vocab_size)
     held, train = problem_sets(cfg, task)
-    params0, start_acc, sft_meta = supervised_start(cfg, mcfg, tok, task, held, train)
+    setup = Setup(mcfg, tok, task, held, train, *supervised_start(cfg, mcfg, tok, task, held, train))
+    for seed in seeds_of(cfg):
+        for strategy in _csv(cfg.strategies):
+            sub = fine_tune_config(cfg, strategy, seed)
+            # process 0 decides (it reads the run directory the others may not see)
+            done = distributed.allgather_host(np.asarray([_finished(sub) is not None], np.int32)).reshape(-1)[0]
+            if done:
+                _log(cfg, f"{strategy} seed {seed} already finished in {sub.run_dir}: skipped")
+                continue
+            harness.run(sub, lambda c: make_train(c, setup, cfg))
+            distributed.barrier("countdown-mini fine-tune")  # process 0 has written its files
+            write_outputs(cfg)
+    return summarise(cfg, run_dir, write_outputs(cfg), setup.start_acc, setup.sft_meta)
 
-    curves_path = run_dir / "curves.jsonl"
-    done = [json.loads(line) for line in curves_path.read_text().splitlines()] if curves_path.exists() else []
-    finished = {(r["strategy"], r["seed"]) for r in done if r.get("final")}
-    done = [r for r in done if (r["strategy"], r["seed"]) in finished]  # drop interrupted runs' partial curves
-    curves_path.write_text("".join(json.dumps(r) + "\n" for r in done))
-    with open(run_dir / "steps.jsonl", "a") as steps_log, open(curves_path, "a") as curves:
-        for seed in seeds_of(cfg):
-            for strategy in _csv(cfg.strategies):
-                if (strategy, seed) in finished:
-                    _log(cfg, f"{strategy} seed {seed} already in {curves_path}: skipped")
-                    continue
-                recs = finetune(cfg, strategy, seed, params0, mcfg, tok, task, held, train, start_acc, steps_log,
-                                curves)
-                curves.flush()
-                done += recs
-    return summarise(cfg, run_dir, done, start_acc, sft_meta)
+
+def write_outputs(cfg: Config) -> list[dict]:
+    """curves.jsonl and steps.jsonl of every fine-tune so far, from their metrics.jsonl (process 0
+    writes) -> the evaluation records."""
+    key = "cpu_s" if cfg.clock == "cpu" else "step_s"
+    curves, steps = [], []
+    for seed in seeds_of(cfg):
+        for strategy in _csv(cfg.strategies):
+            sub = fine_tune_config(cfg, strategy, seed)
+            base, result = {"strategy": strategy, "seed": seed}, _finished(sub)
+            recs = read_metrics(sub.run_dir)
+            evals = []
+            for r in recs:
+                rec = {**base, "step": r["generation"], "train_s": round(r.get(key, 0.0), 3),
+                       "wall_s": round(r.get("step_s", 0.0), 3)}
+                if r["generation"] > 0:
+                    skip = ("generation", "wall_s", "train_s", "accuracy", "cpu_s", "step_s")
+                    steps.append({**rec, **{k: v for k, v in r.items() if k not in skip}})
+                if "accuracy" in r:
+                    evals.append({**rec, "accuracy": r["accuracy"], "samples": r.get("samples", 0),
+                                  **{k: r[k] for k in ("no_signal_frac", "mean_reward") if k in r}})
+            if evals and evals[0]["step"] == 0 and result:
+                evals[0]["compile_s"] = result.get("compile_s")
+            if evals and result:
+                evals[-1]["final"] = True
+            curves += evals
+    if distributed.is_main_process():
+        for name, recs in (("curves.jsonl", curves), ("steps.jsonl", steps)):
+            (Path(cfg.run_dir) / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return curves
 
 
 def plot_accuracy(records, seeds, strategies, path, title):
@@ -342,14 +425,18 @@ def summarise(cfg: Config, run_dir: Path, records: list[dict], start_acc: float,
     seeds = seeds_of(cfg)
     finals = {(r["strategy"], r["seed"]): r for r in records if r.get("final") and r["seed"] in seeds}
     result = {"start_accuracy": start_acc, "budget_s": cfg.budget_s, "clock": cfg.clock, "seeds": seeds,
-              "num_params": sft_meta.get("num_params"), "sft_steps": sft_meta.get("steps")}
+              "num_params": sft_meta.get("num_params"), "sft_steps": sft_meta.get("steps"),
+              "processes": jax.process_count(), "devices": jax.device_count()}
     for s in _csv(cfg.strategies):
         accs = [finals[(s, seed)]["accuracy"] for seed in seeds if (s, seed) in finals]
         result[f"{s}_accuracy"] = float(np.mean(accs)) if accs else None
         result[f"{s}_accuracy_per_seed"] = accs
-        result[f"{s}_samples_per_s"] = float(np.mean([finals[(s, seed)]["samples"] / finals[(s, seed)]["train_s"]
+        result[f"{s}_samples_per_s"] = float(np.mean([finals[(s, seed)]["samples"] / max(finals[(s, seed)]["train_s"], 1e-9)
                                                       for seed in seeds if (s, seed) in finals] or [0.0]))
-    plot_accuracy(records, seeds, _csv(cfg.strategies), run_dir / "curves.png",
-                  f"countdown-mini: held-out accuracy vs fine-tuning {cfg.clock} time (start {start_acc:.2f})")
-    write_json(run_dir / "result.json", result)
+        first = _finished(fine_tune_config(cfg, s, seeds[0])) or {}
+        result[f"{s}_communication"] = first.get("communication", {})
+    if distributed.is_main_process():
+        plot_accuracy(records, seeds, _csv(cfg.strategies), run_dir / "curves.png",
+                      f"countdown-mini: held-out accuracy vs fine-tuning {cfg.clock} time (start {start_acc:.2f})")
+        write_json(run_dir / "result.json", result)
     return result

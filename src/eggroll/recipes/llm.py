@@ -9,37 +9,45 @@ The model is any Qwen2 / Qwen2.5 / Qwen3 / Llama-3 checkpoint (directory or hub 
 Prompts use the task's template (--template overrides it; fields {question} for GSM8K,
 {numbers_csv} {target} for Countdown), wrapped in the checkpoint's chat template with --chat.
 
-One step = one EGGROLL generation (population x prompts greedy answers, group z-score
-fitness, ES update) or one GRPO update (prompts x group samples). Both share
-`eggroll.tasks.finetune`. Every `eval_every` steps the unperturbed model answers the
-validation problems greedily (`val_accuracy`). Logged per step to metrics.jsonl (with
-the diagnostics: no-signal fraction, truncation rate, distinct answers, mean reward) and a
-progress bar; a warning is printed when the no-signal fraction stays high. checkpoint/ holds
-the full training state (params, optimizer, ES state or GRPO key) and the step; the prompts of
-step t are a pure function of (seed, t), so --resume continues bit for bit. With --export the
-final weights are written as a Hugging Face checkpoint (run_dir/hf) loadable by transformers.
+One step (a harness generation: `--generations` is the number of steps) = one EGGROLL
+generation (population x prompts greedy answers, group z-score fitness, ES update) or one GRPO
+update (prompts x group samples). Both share `eggroll.tasks.finetune`. Every `eval_every` steps
+the unperturbed model answers the validation problems greedily (`val_accuracy`). Logged per
+step with the diagnostics (no-signal fraction, truncation rate, distinct answers, mean reward;
+`prompts_truncated`: training prompts cut to --max-prompt-tokens so far); a warning is printed
+when the no-signal fraction stays high.
+
+The run directory (runs/llm-<task>-<strategy>: config.json, metrics.jsonl, curve.png,
+result.json, checkpoint/) and --resume are the run harness's (`eggroll.harness`): the checkpoint
+holds params, optimizer state and ES state (or the GRPO key); the noise context is rebuilt from
+the seed, never saved; the prompts of step t are a pure function of (seed, t); so --resume
+continues bit for bit, and a config that differs in a training field is refused. With --export
+the final weights are written as a Hugging Face checkpoint (run_dir/hf) loadable by transformers.
+
+Several processes (`--coordinator HOST:PORT --num-processes P --process-id I`; docs/LLM.md):
+EGGROLL splits the population over every device of every process; each process generates and
+scores its own members' rows and only the rewards (with stops and answer ids: 12 bytes per
+(member, prompt) row) are all-gathered, then every process applies the same update -- the
+parameters are bitwise those of one process. GRPO is data parallel: each process samples its
+share of the prompts, gradients are all-reduced every optimizer step. Validation problems are
+split over the processes. `result.json["communication"]` has the bytes per step.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import random
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from ..checkpoint import load_checkpoint, save_checkpoint, config_mismatch
-from ..runlog import RunLog
+from .. import distributed, harness
+from ..baselines.grpo import check_data_parallel, grpo_finetuner
+from ..config import OPTIMIZERS, flag
 from ..tasks.diagnostics import NoSignalMonitor
-from ..baselines.grpo import grpo_finetuner
 from ..tasks.finetune import es_finetuner, evaluate_accuracy, llm_kinds
 from ..tasks.reasoning import CountdownSpec, countdown_task, gsm8k_examples, gsm8k_task
-from ..config import OPTIMIZERS, flag
 
 TRAJECTORY_FIELDS = ("model", "task", "strategy", "seed", "population", "prompts", "sigma", "rank", "lr",
                      "optimizer", "group_size", "temperature", "clip_eps", "kl_coef", "minibatches",
@@ -52,23 +60,22 @@ _arg = flag  # Config field -> CLI flag (eggroll.config.flag)
 
 
 @dataclass
-class Config:
+class Config(harness.RunConfig):  # generations (= steps), eval_every, seed, run_dir, resume, time_limit, ...
     model: str = _arg("", "Hugging Face checkpoint directory or hub id (required)")
     task: str = _arg("countdown", "reasoning task", ("countdown", "gsm8k"))
     strategy: str = _arg("eggroll", "fine-tuning algorithm", ("eggroll", "grpo"))
-    steps: int = _arg(100, "training steps (EGGROLL generations / GRPO updates)")
     prompts: int = _arg(8, "prompts per step")
     max_new_tokens: int = _arg(256, "generated tokens per answer")
     max_prompt_tokens: int = _arg(256, "prompt width in tokens (longer prompts keep their last tokens)")
     template: str = _arg("", "prompt template (empty: the task's default)")
     chat: bool = _arg(False, "wrap prompts in the checkpoint's chat template")
     # EGGROLL
-    population: int = _arg(64, "EGGROLL population (even); every member answers every prompt")
+    population: int = _arg(64, "EGGROLL population (even, a multiple of the device count); every member answers every prompt")
     sigma: float = _arg(1e-3, "EGGROLL noise scale")
     rank: int = _arg(1, "EGGROLL perturbation rank")
     perturb_embeddings: bool = _arg(False, "EGGROLL: low-rank noise on the embedding table")
     perturb_head: bool = _arg(False, "EGGROLL: low-rank noise on the LM head")
-    max_rows: int = _arg(0, "EGGROLL: generate at most this many rows at once (0: population x prompts)")
+    max_rows: int = _arg(0, "EGGROLL: each process generates at most this many rows at once (0: all its rows)")
     # GRPO
     group_size: int = _arg(8, "GRPO samples per prompt")
     temperature: float = _arg(1.0, "GRPO sampling temperature")
@@ -80,15 +87,14 @@ class Config:
     optimizer: str = _arg("adam", "optax optimizer", LLM_OPTIMIZERS)
     countdown_numbers: str = _arg("3,4", "countdown: min,max numbers per problem")
     data_path: str = _arg("", "gsm8k: local JSONL (question, answer) or HF dataset id; empty: openai/gsm8k")
-    eval_every: int = _arg(10, "validate every k steps")
     eval_problems: int = _arg(64, "validation problems")
-    checkpoint_every: int = _arg(10, "checkpoint every k steps (0: only at the end)")
-    seed: int = _arg(0, "random seed")
-    run_dir: str = _arg("", "run directory; empty: runs/llm-<task>-<strategy>")
-    resume: bool = _arg(False, "continue from the run directory's checkpoint")
     export: bool = _arg(False, "write the final weights as a Hugging Face checkpoint to run_dir/hf")
     no_signal_warn: float = _arg(0.9, "warn when this fraction of prompts gives no signal for 10 steps")
-    progress: bool = _arg(True, "progress bar on stderr")
+    # the run fields' defaults for this recipe
+    generations: int = _arg(100, "training steps (EGGROLL generations / GRPO updates)")
+    eval_every: int = _arg(10, "validate every k steps")
+    checkpoint_every: int = _arg(10, "checkpoint every k steps (0: only at the end)")
+    run_dir: str = _arg("", "run directory; empty: runs/llm-<task>-<strategy>")
 
 
 def validate(cfg: Config) -> Config:
@@ -101,12 +107,17 @@ def validate(cfg: Config) -> Config:
     need(cfg.strategy in ("eggroll", "grpo"), f"strategy must be eggroll or grpo, got {cfg.strategy!r}")
     need(cfg.population >= 2 and cfg.population % 2 == 0, f"population must be even >= 2, got {cfg.population}")
     need(cfg.group_size >= 2, f"group_size must be >= 2, got {cfg.group_size}")
-    need(cfg.prompts >= 1 and cfg.steps >= 0 and cfg.eval_every >= 1 and cfg.eval_problems >= 1,
-         "prompts, eval_every, eval_problems must be >= 1 and steps >= 0")
+    need(cfg.prompts >= 1 and cfg.eval_problems >= 1, "prompts and eval_problems must be >= 1")
     need(cfg.max_new_tokens >= 1 and cfg.max_prompt_tokens >= 1, "max_new_tokens and max_prompt_tokens must be >= 1")
     need(cfg.sigma > 0 and cfg.lr > 0 and cfg.temperature > 0, "sigma, lr and temperature must be > 0")
     need(cfg.optimizer in LLM_OPTIMIZERS, f"optimizer must be adam or sgd, got {cfg.optimizer!r}")
+    need(cfg.minibatches >= 1 and cfg.max_rows >= 0, "minibatches must be >= 1 and max_rows >= 0")
     _ = countdown_sizes(cfg)
+    harness.check_run_config(cfg)
+    if cfg.strategy == "eggroll":
+        harness.check_population(cfg.population)  # every device of every process
+    else:
+        check_data_parallel(cfg.prompts, cfg.group_size, cfg.minibatches)
     return cfg
 
 
@@ -185,73 +196,57 @@ def make_finetuner(cfg: Config, mcfg, tok, task, params):
                           minibatches=cfg.minibatches)
 
 
-def _resume_mismatch(cfg: Config, saved: dict) -> list[str]:
-    return config_mismatch(cfg, saved, TRAJECTORY_FIELDS)
-
-
-def run(cfg: Config) -> dict:
+def make_train(cfg: Config) -> harness.Train:
+    """The model, task and fine-tuner for the harness: one step per generation, greedy
+    validation accuracy as the evaluation."""
     validate(cfg)
-    from ..models.hf import load_pretrained, save_pretrained
+    from ..models.hf import load_pretrained
 
-    t0 = time.perf_counter()
-    run_dir = Path(cfg.run_dir or f"runs/llm-{cfg.task}-{cfg.strategy}")
-    ckpt_dir = run_dir / "checkpoint"
     pre = load_pretrained(cfg.model)
     tok = HFTokenizer(pre.tokenizer, pre.eos_ids, pre.chat_template)
     task, val = make_task(cfg, pre.chat_template)
     ft = make_finetuner(cfg, pre.cfg, tok, task, pre.params)
-    state = ft.init(jax.random.PRNGKey(cfg.seed), pre.params)
-
-    meta: dict = {}
-    if cfg.resume and (ckpt_dir / "arrays.safetensors").exists():
-        saved = json.loads((ckpt_dir / "meta.json").read_text()).get("metadata", {})
-        bad = _resume_mismatch(cfg, saved.get("config", {}))
-        if bad:
-            raise ValueError(f"cannot resume {ckpt_dir}: the config differs in fields that change training "
-                             f"({'; '.join(bad)}); use the original values or a new run_dir")
-        state, meta = load_checkpoint(ckpt_dir, state)
-    elif cfg.resume:
-        print(f"[llm] --resume: no checkpoint in {ckpt_dir}, starting from scratch", file=sys.stderr)
-    start = int(meta.get("step", 0))
-
-    log = RunLog(run_dir, total=cfg.steps, x="step", resume_from=start if meta else None,
-                 wall_offset=meta.get("wall_s"), plot_keys=[("val_accuracy", "mean_reward"), ("no_signal_frac",)],
-                 postfix_keys=["val_accuracy", "mean_reward", "no_signal_frac"],
-                 progress=None if cfg.progress else False, desc=f"llm {cfg.task} {cfg.strategy}",
-                 title=f"{cfg.model}: {cfg.task}, {cfg.strategy}", start_time=t0)
-    log.write_json("config", dataclasses.asdict(cfg))
+    key = jax.random.PRNGKey(cfg.seed)
+    if cfg.strategy == "eggroll":
+        ctx = ft.setup(key, pre.params)  # the noise context: built once, passed to every step, never saved
+        init, advance = (lambda: ft.init(ctx, pre.params)), (lambda s, ex: ft.step(ctx, s, ex))
+        communication = lambda state: ft.communication(cfg.prompts)  # noqa: E731
+    else:
+        init, advance = (lambda: ft.init(key, pre.params)), ft.step
+        communication = lambda state: ft.communication(state, cfg.prompts)  # noqa: E731
     monitor = NoSignalMonitor(threshold=cfg.no_signal_warn, window=10) if cfg.no_signal_warn > 0 else None
 
-    def validation():
-        return evaluate_accuracy(state.params, pre.cfg, tok, task, val, prompt_len=cfg.max_prompt_tokens,
-                                 max_new_tokens=cfg.max_new_tokens, batch=min(64, len(val)))
+    def step(state, gen):
+        before = tok.truncated
+        state, m = advance(state, step_examples(task, cfg, gen))
+        if monitor is not None and (msg := monitor.update(m["no_signal_frac"])):
+            distributed.say(f"[llm] warning: {msg}")
+        return state, {**m, "prompts_truncated": tok.truncated - before}
 
-    step, val_acc = start, meta.get("val_accuracy")
-    if not meta:
-        v = validation()
-        val_acc = v["accuracy"]
-        log.log(0, {"val_accuracy": val_acc, "val_truncation_rate": v["truncation_rate"]})
-    try:
-        while step < cfg.steps:
-            state, m = ft.step(state, step_examples(task, cfg, step))
-            step += 1
-            if monitor is not None and (msg := monitor.update(m["no_signal_frac"])):
-                print(f"[llm] warning: {msg}", file=sys.stderr)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                v = validation()
-                val_acc = m["val_accuracy"] = v["accuracy"]
-                m["val_truncation_rate"] = v["truncation_rate"]
-            m["prompts_truncated"] = tok.truncated
-            log.log(step, m)
-            if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                save_checkpoint(ckpt_dir, state, {"step": step, "wall_s": log.elapsed, "val_accuracy": val_acc,
-                                                  "config": dataclasses.asdict(cfg)})
-        if cfg.export:
-            save_pretrained(str(run_dir / "hf"), state.params, pre.cfg, source=pre.path)
-        result = {"val_accuracy": val_acc, "steps": step, "task": cfg.task, "strategy": cfg.strategy,
-                  "model": cfg.model, "wall_s": round(log.elapsed, 3), "run_dir": str(run_dir)}
-        log.write_json("result", result)
-        log.plot()
-    finally:
-        log.close()
-    return result
+    def evaluate(state, gen):
+        v = evaluate_accuracy(state.params, pre.cfg, tok, task, val, prompt_len=cfg.max_prompt_tokens,
+                              max_new_tokens=cfg.max_new_tokens, batch=min(64, len(val)))
+        return {"val_accuracy": v["accuracy"], "val_truncation_rate": v["truncation_rate"]}
+
+    name = f"llm-{cfg.task}-{cfg.strategy}"
+
+    def summary(state, result):
+        if cfg.export and distributed.is_main_process():
+            from ..models.hf import save_pretrained
+
+            save_pretrained(str(Path(cfg.run_dir or f"runs/{name}") / "hf"), jax.device_get(state.params), pre.cfg,
+                            source=pre.path)
+        return {"val_accuracy": result["val_accuracy"], "steps": result["generations"], "task": cfg.task,
+                "strategy": cfg.strategy, "model": cfg.model}
+
+    return harness.Train(
+        name=name, init=init, step=step, evaluate=evaluate, trajectory=TRAJECTORY_FIELDS,
+        title=f"{cfg.model}: {cfg.task}, {cfg.strategy}",
+        plot_keys=[("val_accuracy", "mean_reward"), ("no_signal_frac",)],
+        postfix_keys=["val_accuracy", "mean_reward", "no_signal_frac"], totals=("prompts_truncated",),
+        summary=summary, communication=communication)
+
+
+def run(cfg: Config) -> dict:
+    """Fine-tune with the harness (logging, checkpoints, --resume); returns the result dict."""
+    return harness.run(cfg, make_train)

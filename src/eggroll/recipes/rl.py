@@ -4,6 +4,7 @@
     eggroll train rl --env MPE_simple_spread_v3 --strategy open_es      # paper preset (see PRESETS)
     eggroll train rl --env brax/hopper --strategy ppo --budget-wall-s 300
     eggroll train rl --env my_pkg.envs:make_my_env                       # your own environment
+    eggroll train rl ... --resume                                        # continue an interrupted run
 
 Environments come from eggroll.tasks.rl.make_env (gymnax, brax, jumanji, navix, craftax, kinetix,
 jaxmarl MPE, or a "module:function" factory returning an Env). The policy is an MLP
@@ -15,22 +16,33 @@ with the deterministic policy of params + sigma * E_m; all members play the same
 learning rate decayed linearly to lr * lr_decay over the generations the budget allows.
 PPO: eggroll.baselines.ppo on the same adapters and the same MLP sizes.
 
-Each seed trains until `budget_steps` env steps (or `budget_wall_s` seconds, if set) are spent;
-every `eval_every` generations the deterministic unperturbed policy plays `eval_episodes` fresh
-episodes (eval_return). One compile serves all seeds (the seed is an argument, not a constant).
-Files: run_dir/seed<k>/{metrics.jsonl, curve.png, result.json, checkpoint/}, run_dir/config.json,
-run_dir/result.json. The final JSON: env, strategy, mean_return (mean over seeds of the final
-eval return), stderr (over seeds), wall_s (mean per seed of the training wall clock: set-up and
-compilation are done once before the seeds and reported as compile_s; evaluations are excluded),
-env_steps (mean per seed), plus per-seed details. Hyperparameters: flags > PRESETS[env] > DEFAULTS.
+Each seed is one run of the harness (eggroll.harness) in run_dir/seed<k> (metrics.jsonl,
+curve.png, config.json, result.json, checkpoint/): it trains until `budget_steps` env steps (or
+`budget_wall_s` seconds of training, if set; `generations` caps it) are spent; every
+`eval_every` generations the deterministic unperturbed policy plays `eval_episodes` fresh
+episodes (eval_return). One compile serves all seeds (the seed and the ES noise context are jit
+arguments). `--resume` continues an interrupted seed exactly (the checkpoint holds the whole
+state: params, optimizer, ES state or PPO environments, keys) and skips the finished ones.
+run_dir/config.json and run_dir/result.json sum the seeds up. The final JSON: env, strategy,
+mean_return (mean over seeds of the final eval return), stderr (over seeds), wall_s (mean per
+seed of the training wall clock: set-up and compilation are done once before the seeds and
+reported as compile_s; evaluations are excluded), env_steps (mean per seed), communication,
+plus per-seed details. Hyperparameters: flags > PRESETS[env] > DEFAULTS.
+
+Several processes (`--coordinator HOST:PORT --num-processes P --process-id I`, see
+docs/DISTRIBUTED.md and docs/RL.md): ES shards the population over every device of every
+process (only fitness and episode lengths are all-gathered); PPO splits its num_envs
+environments over every device and sums the devices' gradients (data parallel). Process 0
+writes every file. `communication` (result) and `comm_bytes_per_process` (every record) are
+the bytes one generation / update sends, measured from the compiled program.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,17 +51,16 @@ import jax
 import numpy as np
 import optax
 
-from .. import distributed
-from ..checkpoint import save_checkpoint
+from .. import checkpoint as ckpt
+from .. import distributed, harness
+from ..config import OPTIMIZERS, flag, hidden_sizes
 from ..models.mlp import ACTIVATIONS, init_mlp
-from ..runlog import RunLog, write_json
+from ..runlog import write_json
 from ..shaping import SHAPINGS
 from ..strategy import make_strategy
 from ..tasks import rl as rlt
-from ..cli import flag
 
 METHODS = ("eggroll", "open_es", "ppo")
-OPTIMIZERS: dict[str, Callable] = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}
 
 # Hyperparameters every run starts from (flags and presets override them).
 DEFAULTS: dict[str, Any] = {
@@ -57,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "activation": "tanh", "shaping": "centered_rank", "episodes": 1, "max_steps": 0,
     # PPO
     "ppo_lr": 3e-4, "num_envs": 16, "rollout_len": 128, "ppo_epochs": 4, "minibatches": 4, "gamma": 0.99, "gae_lambda": 0.95,
-    "clip_eps": 0.2, "ent_coef": 0.01, "vf_coef": 0.5, "max_grad_norm": 0.5,
+    "clip_eps": 0.2, "ent_coef": 0.01, "vf_coef": 0.5, "max_grad_norm": 0.5, "grad_reduce": "gather",
 }
 
 # Per-environment presets. "es" applies to eggroll and open_es, "ppo" to PPO. MPE values are the
@@ -90,53 +101,68 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-_arg = flag  # Config field -> CLI flag (eggroll.cli.flag)
+# Config fields that change one seed's training (compared through the presets on --resume).
+ES_TRAJECTORY = ("env", "strategy", "budget_steps", "population", "sigma", "rank", "lr", "lr_decay", "optimizer",
+                 "hidden", "activation", "shaping", "episodes", "max_steps", "eval_episodes", "seed")
+PPO_TRAJECTORY = ("env", "strategy", "hidden", "activation", "max_steps", "ppo_lr", "num_envs", "rollout_len",
+                  "ppo_epochs", "minibatches", "gamma", "gae_lambda", "clip_eps", "ent_coef", "vf_coef",
+                  "max_grad_norm", "grad_reduce", "eval_episodes", "seed")
 
 
 @dataclass
-class Config:
-    env: str = _arg("CartPole-v1", "environment name (see eggroll.tasks.rl) or module:function")
-    strategy: str = _arg("eggroll", "training method", METHODS)
-    seeds: int = _arg(1, "number of seeds (seed, seed+1, ...)")
-    seed: int = _arg(0, "first seed")
-    budget_steps: int = _arg(200_000, "env steps per seed")
-    budget_wall_s: float = _arg(0.0, "wall-clock seconds per seed (0: no limit)")
-    population: int | None = _arg(None, "ES population (even; multiple of the device count)")
-    sigma: float | None = _arg(None, "ES noise scale")
-    rank: int | None = _arg(None, "EGGROLL rank")
-    lr: float | None = _arg(None, "ES learning rate")
-    lr_decay: float | None = _arg(None, "ES lr decays linearly to lr * lr_decay over the budget")
-    optimizer: str | None = _arg(None, "ES optax optimizer", OPTIMIZERS)
-    hidden: str | None = _arg(None, "hidden layer sizes, comma separated")
-    activation: str | None = _arg(None, "hidden activation", ACTIVATIONS)
-    shaping: str | None = _arg(None, "ES fitness shaping", [s for s in SHAPINGS if s != "group_z_score"])
-    episodes: int | None = _arg(None, "ES episodes per member per generation")
-    max_steps: int | None = _arg(None, "cap on the episode length (0: the env's own limit)")
-    ppo_lr: float | None = _arg(None, "PPO learning rate")
-    num_envs: int | None = _arg(None, "PPO parallel environments")
-    rollout_len: int | None = _arg(None, "PPO steps per environment per update")
-    ppo_epochs: int | None = _arg(None, "PPO epochs per update")
-    minibatches: int | None = _arg(None, "PPO minibatches per epoch")
-    gamma: float | None = _arg(None, "PPO discount")
-    gae_lambda: float | None = _arg(None, "PPO GAE lambda")
-    clip_eps: float | None = _arg(None, "PPO clip range")
-    ent_coef: float | None = _arg(None, "PPO entropy coefficient")
-    vf_coef: float | None = _arg(None, "PPO value-loss coefficient")
-    max_grad_norm: float | None = _arg(None, "PPO gradient clipping")
-    eval_every: int = _arg(5, "evaluate the deterministic policy every k generations / updates")
-    eval_episodes: int = _arg(16, "episodes per evaluation")
-    chunk: int = _arg(0, "ES members per vmap chunk on each device (0: all)")
-    run_dir: str = _arg("", "run directory; empty: runs/rl-<env>-<strategy>")
-    progress: bool = _arg(True, "progress bar on stderr (shown only in a terminal)")
+class Config(harness.RunConfig):
+    env: str = flag("CartPole-v1", "environment name (see eggroll.tasks.rl) or module:function")
+    strategy: str = flag("eggroll", "training method", METHODS)
+    seeds: int = flag(1, "number of seeds (seed, seed+1, ...)")
+    budget_steps: int = flag(200_000, "env steps per seed")
+    budget_wall_s: float = flag(0.0, "training seconds per seed (0: no limit; evaluations excluded)")
+    population: int | None = flag(None, "ES population (even; multiple of the device count, all processes)")
+    sigma: float | None = flag(None, "ES noise scale")
+    rank: int | None = flag(None, "EGGROLL rank")
+    lr: float | None = flag(None, "ES learning rate")
+    lr_decay: float | None = flag(None, "ES lr decays linearly to lr * lr_decay over the budget")
+    optimizer: str | None = flag(None, "ES optax optimizer", OPTIMIZERS)
+    hidden: str | None = flag(None, "hidden layer sizes, comma separated")
+    activation: str | None = flag(None, "hidden activation", ACTIVATIONS)
+    shaping: str | None = flag(None, "ES fitness shaping", [s for s in SHAPINGS if s != "group_z_score"])
+    episodes: int | None = flag(None, "ES episodes per member per generation")
+    max_steps: int | None = flag(None, "cap on the episode length (0: the env's own limit)")
+    ppo_lr: float | None = flag(None, "PPO learning rate")
+    num_envs: int | None = flag(None, "PPO parallel environments (a multiple of the device count, all processes)")
+    rollout_len: int | None = flag(None, "PPO steps per environment per update")
+    ppo_epochs: int | None = flag(None, "PPO epochs per update")
+    minibatches: int | None = flag(None, "PPO minibatches per epoch")
+    gamma: float | None = flag(None, "PPO discount")
+    gae_lambda: float | None = flag(None, "PPO GAE lambda")
+    clip_eps: float | None = flag(None, "PPO clip range")
+    ent_coef: float | None = flag(None, "PPO entropy coefficient")
+    vf_coef: float | None = flag(None, "PPO value-loss coefficient")
+    max_grad_norm: float | None = flag(None, "PPO gradient clipping")
+    grad_reduce: str | None = flag(None, "PPO on several devices: sum the gradients by all-gather + fixed-order add "
+                                   "(gather: the same bits for any process layout) or XLA's all-reduce (psum)",
+                                   ("gather", "psum"))
+    eval_episodes: int = flag(16, "episodes per evaluation")
+    chunk: int = flag(0, "ES members per vmap chunk on each device (0: all)")
+    # the run fields' defaults for this recipe (each seed is one harness run in run_dir/seed<k>)
+    generations: int = flag(0, "cap on the generations / PPO updates of a seed (0: none, the budgets stop it)")
+    eval_every: int = flag(5, "evaluate the deterministic policy every k generations / updates")
+    seed: int = flag(0, "first seed")
+    time_limit: float = flag(0.0, "stop a seed after this many seconds of wall clock, set-up and evaluations "
+                             "included (0: none); --resume continues it")
+    run_dir: str = flag("", "run directory; empty: runs/rl-<env>-<strategy>")
 
 
 def resolve(cfg: Config) -> dict:
     """Hyperparameters for this run: flags > PRESETS[env][es|ppo] > DEFAULTS."""
-    preset = PRESETS.get(preset_key(cfg.env), {}).get("ppo" if cfg.strategy == "ppo" else "es", {})
-    hp = {**DEFAULTS, **preset}
+    hp = _base(cfg)
     hp.update({k: v for k, v in dataclasses.asdict(cfg).items() if k in DEFAULTS and v is not None})
     hp["hidden"] = hidden_sizes(hp["hidden"])
     return hp
+
+
+def _base(cfg: Config) -> dict:
+    preset = PRESETS.get(preset_key(cfg.env), {}).get("ppo" if cfg.strategy == "ppo" else "es", {})
+    return {**DEFAULTS, **preset}
 
 
 def preset_key(name: str) -> str:
@@ -149,44 +175,32 @@ def preset_key(name: str) -> str:
     return f"{suite}/{inner}" if suite in ("brax", "kinetix") else inner
 
 
-def hidden_sizes(hidden) -> tuple[int, ...]:
-    if isinstance(hidden, int):
-        return (hidden,)
-    if isinstance(hidden, str):
-        try:
-            hidden = tuple(int(p) for p in hidden.replace(" ", ",").split(",") if p.strip())
-        except ValueError:
-            raise ValueError(f"hidden must be comma-separated positive integers, got {hidden!r}") from None
-    hidden = tuple(int(h) for h in hidden)
-    if not hidden or min(hidden) < 1:
-        raise ValueError(f"hidden must be one or more positive integers, got {hidden!r}")
-    return hidden
-
-
 def validate(cfg: Config, hp: dict) -> None:
     def need(ok, msg):
         if not ok:
             raise ValueError(f"rl config: {msg}")
 
+    harness.check_run_config(cfg)
     need(cfg.strategy in METHODS, f"strategy must be one of {METHODS}, got {cfg.strategy!r}")
     need(cfg.seeds >= 1, f"seeds must be >= 1, got {cfg.seeds}")
     need(cfg.budget_steps >= 1, f"budget_steps must be >= 1, got {cfg.budget_steps}")
     need(cfg.budget_wall_s >= 0, f"budget_wall_s must be >= 0, got {cfg.budget_wall_s}")
-    need(cfg.eval_every >= 1 and cfg.eval_episodes >= 1, "eval_every and eval_episodes must be >= 1")
+    need(cfg.eval_episodes >= 1, f"eval_episodes must be >= 1, got {cfg.eval_episodes}")
     need(hp["activation"] in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}")
     need(hp["optimizer"] in OPTIMIZERS, f"optimizer must be one of {sorted(OPTIMIZERS)}")
     need(hp["max_steps"] >= 0, f"max_steps must be >= 0, got {hp['max_steps']}")
     if cfg.strategy == "ppo":
-        need(hp["num_envs"] >= 1 and hp["rollout_len"] >= 1, "num_envs and rollout_len must be >= 1")
-        need((hp["num_envs"] * hp["rollout_len"]) % hp["minibatches"] == 0,
-             f"num_envs * rollout_len ({hp['num_envs'] * hp['rollout_len']}) must be divisible by "
-             f"minibatches ({hp['minibatches']})")
+        E, T, M, n_dev = hp["num_envs"], hp["rollout_len"], hp["minibatches"], jax.device_count()
+        need(E >= 1 and T >= 1 and M >= 1 and hp["ppo_epochs"] >= 1,
+             "num_envs, rollout_len, minibatches and ppo_epochs must be >= 1")
+        where = f" of all {jax.process_count()} processes" if jax.process_count() > 1 else ""
+        need(E % n_dev == 0, f"num_envs {E} must be a multiple of the {n_dev} devices{where} (PPO splits its "
+                             "environments)")
+        need((E // n_dev * T) % M == 0, f"num_envs / devices * rollout_len ({E // n_dev * T}) must be divisible by "
+                                        f"minibatches ({M})")
+        need(hp["grad_reduce"] in ("gather", "psum"), f"grad_reduce must be gather or psum, got {hp['grad_reduce']!r}")
         return
-    pop, n_dev = hp["population"], jax.device_count()  # every device of every process
-    need(pop >= 2 and pop % 2 == 0, f"population must be an even integer >= 2 (antithetic pairs), got {pop}")
-    need(pop % n_dev == 0, f"population {pop} must be a multiple of the {n_dev} devices")
-    need(cfg.chunk == 0 or (pop // n_dev) % cfg.chunk == 0,
-         f"chunk {cfg.chunk} must be 0 or divide the per-device population {pop // n_dev}")
+    harness.check_population(hp["population"], cfg.chunk)  # every device of every process
     need(math.isfinite(hp["sigma"]) and hp["sigma"] > 0, f"sigma must be > 0, got {hp['sigma']}")
     need(math.isfinite(hp["lr"]) and hp["lr"] > 0, f"lr must be > 0, got {hp['lr']}")
     need(0 < hp["lr_decay"] <= 1, f"lr_decay must be in (0, 1], got {hp['lr_decay']}")
@@ -207,9 +221,7 @@ def make_es_trainer(env: rlt.Env, strategy: str, hp: dict, budget_steps: int, ch
     sizes = rlt.policy_sizes(env, hp["hidden"])
     if strategy == "eggroll" and hp["rank"] > min(sizes):
         raise ValueError(f"rank {hp['rank']} exceeds the smallest weight-matrix dimension {min(sizes)} ({sizes})")
-    kw = {"antithetic": True, "shaping": hp["shaping"]}
-    es = make_strategy(strategy, hp["population"], hp["sigma"], hp["rank"], **kw)
-    context: dict = {}  # this seed's noise context (constant for the run): made by init, never in the state
+    es = make_strategy(strategy, hp["population"], hp["sigma"], hp["rank"], antithetic=True, shaping=hp["shaping"])
     # lr decays linearly to lr * lr_decay over the generations a budget of full-length episodes allows
     gens = max(1, budget_steps // (hp["population"] * hp["episodes"] * env.horizon))
     sched = optax.linear_schedule(hp["lr"], hp["lr"] * hp["lr_decay"], gens)
@@ -227,25 +239,35 @@ def make_es_trainer(env: rlt.Env, strategy: str, hp: dict, budget_steps: int, ch
         return ESTrainState(params, opt_state, es_state, rng), metrics
 
     def init_params(seed):
-        key = jax.random.PRNGKey(seed)
-        params = init_mlp(jax.random.fold_in(key, 0), sizes)
+        params = init_mlp(jax.random.fold_in(jax.random.PRNGKey(seed), 0), sizes)
         return params, optimizer.init(params)
 
     place = distributed.replicate  # every array replicated over every device of every process
     gen_jit, init_jit = jax.jit(generation), jax.jit(init_params)
     eval_jit = jax.jit(lambda p, k: rlt.evaluate_policy(env, p, k, eval_episodes, act))
+    contexts: dict = {}  # seed -> its noise context (constant for the run; a jit argument, never in the state)
+    measured: dict = {}
+    n_params = sum(a * b + a for a, b in zip(sizes[1:], sizes[:-1]))
+
+    def context(seed):
+        if seed not in contexts:
+            contexts.clear()
+            contexts[seed] = place(es.setup(jax.random.fold_in(jax.random.PRNGKey(seed), 1), init_jit(seed)[0]))
+        return contexts[seed]
 
     def init(seed):
         params, opt_state = init_jit(seed)
-        key = jax.random.PRNGKey(seed)
-        context["ctx"] = place(es.setup(jax.random.fold_in(key, 1), params))
-        return place(ESTrainState(params, opt_state, es.init(context["ctx"]), jax.random.fold_in(key, 2)))
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), 2)
+        return place(ESTrainState(params, opt_state, es.init(context(seed)), rng))
 
-    def step(ts):
-        return gen_jit(place(ts), context["ctx"])
+    def communication(ts, ctx):
+        if not measured:
+            measured.update(distributed.communication(gen_jit, place(ts), ctx, n_params=n_params))
+        return measured
 
-    n_params = sum(a * b + a for a, b in zip(sizes[1:], sizes[:-1]))
-    return rlt.Trainer(env, init, step, lambda ts, k: eval_jit(place(ts.params), k), lambda ts: ts.params, n_params)
+    return rlt.Trainer(env, init, context, lambda ts, ctx: gen_jit(place(ts), ctx),
+                       lambda ts, k: eval_jit(place(ts.params), place(k)), lambda ts: ts.params, n_params,
+                       communication)
 
 
 def make_trainer(cfg: Config, hp: dict | None = None) -> rlt.Trainer:
@@ -259,78 +281,135 @@ def make_trainer(cfg: Config, hp: dict | None = None) -> rlt.Trainer:
 
 
 def warm_up(trainer: rlt.Trainer, seed: int = 0) -> float:
-    """Compile init / step / evaluate once (a throwaway generation); returns the seconds spent."""
+    """Compile init / step / evaluate once (a throwaway generation) and measure the communication;
+    returns the seconds spent."""
     t0 = time.perf_counter()
-    state = trainer.init(seed)
+    state, ctx = trainer.init(seed), trainer.context(seed)
     jax.block_until_ready(trainer.evaluate(state, jax.random.PRNGKey(0)))
+    if trainer.communication:
+        trainer.communication(state, ctx)
     # two steps: a step's output state can differ from init's in weak types / shardings, which
     # would make the second call compile again (inside the first seed's timed budget)
     for _ in range(2):
-        state, m = trainer.step(state)
-    jax.block_until_ready(m)
+        state, m = trainer.step(state, ctx)
+        jax.block_until_ready(m)
     return time.perf_counter() - t0
 
 
-def train_seed(trainer: rlt.Trainer, cfg: Config, seed: int, run_dir: Path, on_eval: Callable | None = None) -> dict:
-    """Train one seed until the budget is spent. metrics.jsonl holds eval_return against env_steps
-    and train_s (training wall clock: evaluations excluded; call warm_up first so compilation is too)."""
+def run_root(cfg: Config) -> Path:
+    return Path(cfg.run_dir or f"runs/rl-{cfg.env.replace('/', '_').replace(':', '_')}-{cfg.strategy}")
+
+
+def seed_config(cfg: Config, seed: int, hp: dict | None = None) -> Config:
+    """One seed's harness config: its seed, run_dir/seed<k>, and a generation cap the step
+    budget reaches first (an episode is at least one step) unless `generations` is set."""
+    hp = hp or resolve(cfg)
+    per_gen = hp["num_envs"] * hp["rollout_len"] if cfg.strategy == "ppo" else hp["population"] * hp["episodes"]
+    cap = cfg.generations or -(-cfg.budget_steps // per_gen)
+    return dataclasses.replace(cfg, seed=seed, run_dir=str(run_root(cfg) / f"seed{seed}"), generations=cap)
+
+
+def canonical(cfg: Config):
+    """(field, value) -> the value it trains with (None: the preset's / default's)."""
+    base = _base(cfg)
+
+    def same(k, v):
+        v = base[k] if v is None and k in base else v
+        return hidden_sizes(v) if k == "hidden" else v
+
+    return same
+
+
+def over_budget(cfg: Config, record: dict) -> bool:
+    """The step budget is spent, or the training wall clock (evaluations excluded) is."""
+    return record["env_steps"] >= cfg.budget_steps or bool(cfg.budget_wall_s and record["train_s"] >= cfg.budget_wall_s)
+
+
+def make_train(cfg: Config, trainer: rlt.Trainer | None = None) -> harness.Train:
+    """One seed (`seed_config(cfg, k)`) as a harness run. Pass the `trainer` (make_trainer) the
+    seeds share, so they compile once."""
+    hp = resolve(cfg)
+    validate(cfg, hp)
+    trainer = trainer or make_trainer(cfg, hp)
+    seed, label = cfg.seed, f"{cfg.env} {cfg.strategy} seed {cfg.seed}"
+    ctx = trainer.context(seed)
     eval_key = jax.random.fold_in(jax.random.PRNGKey(seed), 10**6)
-    log = RunLog(run_dir, total=None, plot_keys=[("eval_return",), ("fitness_mean", "train_return")],
-                 postfix_keys=["eval_return", "env_steps"], progress=None if cfg.progress else False,
-                 desc=f"{cfg.env} {cfg.strategy} seed {seed}", title=f"{cfg.env}, {cfg.strategy}, seed {seed}")
-    state = trainer.init(seed)
-    gen, env_steps, eval_s = 0, 0, 0.0
 
-    def evaluate():
-        nonlocal eval_s
-        t = time.perf_counter()
-        r = float(np.mean(jax.device_get(trainer.evaluate(state, jax.random.fold_in(eval_key, gen)))))
-        eval_s += time.perf_counter() - t
-        if on_eval is not None:
-            on_eval(r)
-        return r
+    def evaluate(state, gen):
+        returns = trainer.evaluate(state, jax.random.fold_in(eval_key, gen))
+        return {"eval_return": float(np.mean(jax.device_get(returns)))}
 
-    def out_of_budget():
-        return env_steps >= cfg.budget_steps or bool(cfg.budget_wall_s and log.elapsed - eval_s >= cfg.budget_wall_s)
+    return harness.Train(
+        name=label, init=lambda: trainer.init(seed), step=lambda s, gen: trainer.step(s, ctx), evaluate=evaluate,
+        trajectory=PPO_TRAJECTORY if cfg.strategy == "ppo" else ES_TRAJECTORY,
+        title=f"{cfg.env}, {cfg.strategy}, seed {seed}", plot_keys=[("eval_return",), ("fitness_mean", "train_return")],
+        postfix_keys=["eval_return", "env_steps"], totals=("env_steps",), stop=lambda r: over_budget(cfg, r),
+        summary=lambda s, r: {"seed": seed, "final_return": r["eval_return"], "env": trainer.env.name,
+                              "strategy": cfg.strategy},
+        communication=(lambda s: trainer.communication(s, ctx)) if trainer.communication else None,
+        canonical=canonical(cfg))
 
-    ret = evaluate()
-    log.log(0, {"eval_return": ret, "env_steps": 0, "train_s": 0.0})
+
+def finished(cfg: Config) -> dict | None:
+    """With --resume, for one seed's config: refuse a checkpoint whose config differs in a field
+    that changes training (before anything compiles), and return the seed's result if its run
+    is complete (budget spent or generation cap reached: the harness would train no further),
+    else None. Every process must call it; they get the same answer."""
+    directory = Path(cfg.run_dir) / "checkpoint"
+    if not cfg.resume or not distributed.checkpoint_exists(directory):
+        return None
+    meta = ckpt.read_metadata(directory)
+    bad = harness.mismatch(cfg, meta.get("config", {}), PPO_TRAJECTORY if cfg.strategy == "ppo" else ES_TRAJECTORY,
+                           canonical(cfg))
+    if bad:
+        raise ValueError(f"cannot resume {cfg.run_dir}: the config differs in fields that change training "
+                         f"({'; '.join(bad)}); use the original values or a new run_dir")
     try:
-        while not out_of_budget():
-            state, m = trainer.step(state)
-            gen += 1
-            m = jax.device_get(m)
-            env_steps += int(m.pop("env_steps"))
-            rec = {k: float(v) for k, v in m.items()}
-            rec.update(env_steps=env_steps, train_s=round(log.elapsed - eval_s, 4))
-            if gen % cfg.eval_every == 0 or out_of_budget():
-                ret = evaluate()
-                rec["eval_return"] = ret
-            log.log(gen, rec)
-        result = {"seed": seed, "final_return": ret, "generations": gen, "env_steps": env_steps,
-                  "wall_s": round(log.elapsed - eval_s, 3), "eval_s": round(eval_s, 3)}
-        save_checkpoint(run_dir / "checkpoint", trainer.params(state), {**result, "env": cfg.env})
-        log.write_json("result", result)
-    finally:
-        log.close()
-    return result
+        result = json.loads((Path(cfg.run_dir) / "result.json").read_text())
+        done = meta.get("generation") == result["generations"] and (
+            result["generations"] >= cfg.generations or over_budget(cfg, result))
+    except (OSError, ValueError, KeyError):
+        done = False
+    flags = distributed.allgather_host(np.asarray([done], np.int32)).reshape(-1)
+    if flags.any() and not flags.all():
+        raise FileNotFoundError(f"{cfg.run_dir} is finished on some processes but not on others: use a shared "
+                                "filesystem or copy the run directory to every machine before --resume")
+    return result if done else None
+
+
+def train_seed(scfg: Config, trainer: rlt.Trainer, result: dict | None) -> dict:
+    """Train one seed (or continue it; `result`: it is finished, skip it); its summary."""
+    if result is not None:
+        distributed.say(f"[{scfg.env} {scfg.strategy}] --resume: seed {scfg.seed} is finished, skipping it")
+    else:
+        if not scfg.resume and distributed.is_main_process():  # a stale result must not pass for this run's
+            (Path(scfg.run_dir) / "result.json").unlink(missing_ok=True)
+        result = harness.run(scfg, lambda c: make_train(c, trainer))
+    keep = ("seed", "final_return", "generations", "env_steps", "stopped", "communication")
+    return {**{k: result[k] for k in keep}, "wall_s": result["train_s"], "eval_s": result["eval_s"]}
 
 
 def run(cfg: Config) -> dict:
     """Train `seeds` seeds; returns the summary (also run_dir/result.json)."""
     hp = resolve(cfg)
     validate(cfg, hp)
-    run_dir = Path(cfg.run_dir or f"runs/rl-{cfg.env.replace('/', '_').replace(':', '_')}-{cfg.strategy}")
+    root = run_root(cfg)
     t0 = time.perf_counter()
+    seeds = [seed_config(cfg, cfg.seed + i, hp) for i in range(cfg.seeds)]
+    done = [finished(scfg) for scfg in seeds]  # --resume: config checks first, finished seeds skipped
     trainer = make_trainer(cfg, hp)
-    compile_s = time.perf_counter() - t0 + warm_up(trainer, cfg.seed)
-    write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "resolved": hp})
-    per_seed = [train_seed(trainer, cfg, cfg.seed + i, run_dir / f"seed{cfg.seed + i}") for i in range(cfg.seeds)]
+    compile_s = time.perf_counter() - t0 + (warm_up(trainer, cfg.seed) if None in done else 0.0)
+    if distributed.is_main_process():
+        write_json(root / "config.json", {**dataclasses.asdict(cfg), "resolved": hp})
+    per_seed = [train_seed(scfg, trainer, result) for scfg, result in zip(seeds, done)]
     finals = [r["final_return"] for r in per_seed]
     result = {"env": trainer.env.name, "strategy": cfg.strategy, "mean_return": float(np.mean(finals)),
               "stderr": rlt.stderr(finals), "wall_s": round(float(np.mean([r["wall_s"] for r in per_seed])), 3),
               "env_steps": int(np.mean([r["env_steps"] for r in per_seed])), "seeds": cfg.seeds,
-              "compile_s": round(compile_s, 3), "num_params": trainer.num_params, "suite": trainer.env.suite, "per_seed": per_seed,
-              "run_dir": str(run_dir)}
-    write_json(run_dir / "result.json", result)
+              "compile_s": round(compile_s, 3), "num_params": trainer.num_params, "suite": trainer.env.suite,
+              "per_seed": [{k: v for k, v in r.items() if k != "communication"} for r in per_seed],
+              "communication": per_seed[0]["communication"], "processes": jax.process_count(),
+              "devices": jax.device_count(), "run_dir": str(root)}
+    if distributed.is_main_process():
+        write_json(root / "result.json", result)
     return result

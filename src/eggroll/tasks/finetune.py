@@ -5,15 +5,29 @@ generate with `eggroll.sampling.generate`, score decoded text with the task's re
 same diagnostics, so comparisons are like for like.
 
 EGGROLL step (the paper's LLM recipe). J prompts; each of the N population members answers all
-of them greedily (N*J rows in one batched generation; row (i, j) carries member id i, so every
-matmul adds member i's rank-r correction). Rewards s_ij (N, J) are shaped by
-`shaping.group_z_score` -- z_ij = (s_ij - mean_i s_ij) / global std, member weight = mean_j z_ij
--- inside `es.tell`, and the optax optimizer applies the ES gradient. Matrices get low-rank
-noise; vectors (norms, biases) are frozen by default; embeddings and LM head are configurable
-(`llm_kinds`).
+of them greedily (N*J rows; row (i, j) carries member id i, so every matmul adds member i's
+rank-r correction). Rewards s_ij (N, J) are shaped by `shaping.group_z_score` -- z_ij = (s_ij -
+mean_i s_ij) / global std, member weight = mean_j z_ij -- inside `es.tell`, and the optax
+optimizer applies the ES gradient. Matrices get low-rank noise; vectors (norms, biases) are
+frozen by default; embeddings and LM head are configurable (`llm_kinds`).
+
+The noise context is the caller's: `ctx = ft.setup(key, params)` once per run (constant; pass it
+to every `ft.step(ctx, state, examples)`; never in the state or the checkpoint).
+
+Several devices and processes. The members are split over every device of every process (the
+population mesh): `distributed.host_fitness` gives each process its own members, which it
+generates on its own devices (`generate_rows`: rows split over `local_mesh`, each device
+decoding its share independently) and scores with the task's Python scorer; the (members,
+prompts) score matrix -- 12 bytes per row with the diagnostics (`pack_rows`) -- is all-gathered,
+and every process applies the same update to its replica of the state. Validation splits the
+problems over the processes the same way (`evaluate_accuracy`). Per-row results do not depend
+on how the rows are split, so every layout gives the same parameters bit for bit.
 
 GRPO step (`eggroll.baselines.grpo`). P prompts, G samples each at temperature > 0; group
 advantages; old log-probs from the sampling params; `minibatches` x `epochs` clipped updates.
+
+`PromptStream` (the prompts of step t, replayable) and `BudgetClock` (a time budget as harness
+totals and a budget stop) serve recipes that fine-tune for a fixed time on the run harness.
 
 Tokenizer adapter: any object with encode_batch(texts, length=...) -> (ids (B, P) int32
 left-padded, lengths (B,)), decode(ids) -> str, eos_ids (tuple), pad_id (int).
@@ -21,6 +35,10 @@ left-padded, lengths (B,)), decode(ids) -> str, eos_ids (tuple), pad_id (int).
 
 from __future__ import annotations
 
+import functools
+import random
+import time
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -28,12 +46,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .. import distributed
 from .. import noise as nz
+from ..population import _NO_CHECK, _shard_map, population_mesh
 from ..sampling import decode_rows, generate
 from ..strategy import eggroll
 from .diagnostics import generation_diagnostics
 from .reasoning import Task
+
+ROWS = "rows"  # the axis of a process's own devices (local_mesh)
 
 
 def llm_kinds(*, embeddings: bool = False, head: bool = False, vectors: str = "frozen") -> Callable:
@@ -54,28 +78,132 @@ def llm_kinds(*, embeddings: bool = False, head: bool = False, vectors: str = "f
     return kind
 
 
+# --------------------------------------------------------------------------- this process's devices
+
+def local_mesh() -> Mesh:
+    """This process's devices, in population-mesh order, on one axis (ROWS)."""
+    me = jax.process_index()
+    return Mesh(np.asarray([d for d in population_mesh().devices.reshape(-1) if d.process_index == me]), (ROWS,))
+
+
+def local_view(tree, mesh: Mesh):
+    """`tree` (replicated over every process, or plain arrays) replicated on `mesh`, this
+    process's devices: the shards it already holds (no copy) when jax lists them, else a copy of
+    its first replica; other arrays are placed there."""
+    sharding = NamedSharding(mesh, P())
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            try:
+                held = {s.device: s.data for s in x.addressable_shards}
+                return jax.make_array_from_single_device_arrays(x.shape, sharding,
+                                                                [held[d] for d in mesh.devices.reshape(-1)])
+            except ValueError:  # a fresh device_put whose shards jax cannot list: copy this process's replica
+                x = x.addressable_data(0)
+        return jax.device_put(x, sharding)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+class Rows(NamedTuple):
+    tokens: np.ndarray  # (B, max_new_tokens) int32
+    finished: np.ndarray  # (B,) bool
+    lengths: np.ndarray  # (B,) int32
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_generate(cfg, mesh, max_new_tokens, temperature, eos_ids, pad_id, noise_fn):
+    def body(params, ids, lens, members, noise_args, key):
+        if temperature > 0:  # device d samples from its own stream
+            key = jax.random.fold_in(key, lax.axis_index(ROWS))
+        g = generate(params, cfg, ids, lens, max_new_tokens=max_new_tokens, key=key, temperature=temperature,
+                     eos_ids=eos_ids, pad_id=pad_id, noise_fn=noise_fn, noise_args=noise_args,
+                     member_ids=members if noise_fn is not None else None)
+        return tuple(g)
+
+    specs = (P(), P(ROWS), P(ROWS), P(ROWS), P(), P())
+    return jax.jit(_shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(ROWS), **_NO_CHECK))
+
+
+def generate_rows(params, cfg, ids, lens, *, mesh: Mesh, max_new_tokens: int, eos_ids, pad_id: int,
+                  temperature: float = 0.0, key=None, noise_fn=None, noise_args=None, member_ids=None) -> Rows:
+    """`sampling.generate` with the rows (B a multiple of mesh.size) split over `mesh`'s devices,
+    each decoding its share on its own; params and noise_args replicated on `mesh` (`local_view`).
+    With temperature > 0 device d draws from fold_in(key, d) (one device: `key` itself)."""
+    key = jax.random.PRNGKey(0) if key is None else key
+    kw = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), eos_ids=tuple(int(e) for e in eos_ids),
+              pad_id=int(pad_id), noise_fn=noise_fn)
+    if mesh.size == 1:
+        g = generate(params, cfg, ids, lens, key=key, noise_args=noise_args, member_ids=member_ids, **kw)
+    else:
+        if len(ids) % mesh.size:
+            raise ValueError(f"{len(ids)} rows do not split over the {mesh.size} devices of this process")
+        rows = NamedSharding(mesh, P(ROWS))
+        members = np.zeros(len(ids), np.int32) if member_ids is None else member_ids
+        put = [jax.device_put(np.asarray(x, np.int32), rows) for x in (ids, lens, members)]
+        g = _sharded_generate(cfg, mesh, *kw.values())(params, *put, noise_args, key)
+    return Rows(np.asarray(g[0]), np.asarray(g[2]), np.asarray(g[1]))
+
+
+# --------------------------------------------------------------------------- what crosses processes
+
+def answer_id(answer) -> int:
+    """An extracted answer as a 31-bit id (-1: none), for counting distinct answers anywhere."""
+    return -1 if answer is None else zlib.crc32(str(answer).encode()) & 0x7FFFFFFF
+
+
+def pack_rows(scores, finished, answer_ids) -> np.ndarray:
+    """(n, J) rewards, finished flags and answer ids -> (n, J, 3) int32 (the float32 rewards'
+    bits): what a process contributes to the all-gather, 12 bytes per row."""
+    return np.stack([np.asarray(scores, np.float32).view(np.int32), np.asarray(finished, np.int32),
+                     np.asarray(answer_ids, np.int32)], axis=-1)
+
+
+def unpack_rows(packed):
+    """pack_rows' inverse -> (scores float32, finished bool, answers: nested lists of ids / None)."""
+    packed = np.asarray(packed, np.int32)
+    scores = np.ascontiguousarray(packed[..., 0]).view(np.float32)
+    answers = [[None if a < 0 else a for a in row] for row in packed[..., 2].tolist()]
+    return scores, packed[..., 1] > 0, answers
+
+
+def gather_bytes(per_process: int) -> dict:
+    """Bytes of one host all-gather to which every process contributes `per_process` bytes."""
+    procs = jax.process_count()
+    if procs == 1:
+        return {"comm_bytes_per_process": 0, "comm_bytes_sent_per_process": 0}
+    return {"comm_bytes_per_process": int(per_process), "comm_bytes_sent_per_process": int(per_process) * (procs - 1)}
+
+
+# --------------------------------------------------------------------------- validation
+
 def evaluate_accuracy(params, cfg, tokenizer, task: Task, examples: Sequence[dict], *, prompt_len: int,
                       max_new_tokens: int, batch: int = 256) -> dict:
-    """Greedy accuracy (mean reward) of the unperturbed params on `examples`."""
+    """Greedy accuracy (mean reward) of the unperturbed params on `examples`. Each process
+    answers a contiguous share (rows over its devices); rewards and stops are all-gathered."""
+    n, procs = len(examples), jax.process_count()
+    share = -(-n // procs)
+    mine = list(examples[jax.process_index() * share:][:share])
+    mine += [examples[0]] * (share - len(mine))  # the last shares are padded; trimmed below
+    mesh = local_mesh()
+    params = local_view(params, mesh)
+    size = -(-min(batch, share) // mesh.size) * mesh.size  # one compiled shape, a multiple of the devices
     rewards, finished = [], []
-    for s in range(0, len(examples), batch):
-        chunk = list(examples[s:s + batch])
-        pad = batch - len(chunk) if len(examples) > batch else 0  # keep one compiled shape
-        ids, lens = tokenizer.encode_batch([task.prompt(e) for e in chunk + chunk[:1] * pad], length=prompt_len)
-        gen = generate(params, cfg, ids, lens, max_new_tokens=max_new_tokens, eos_ids=tokenizer.eos_ids,
-                       pad_id=tokenizer.pad_id)
-        texts = decode_rows(tokenizer, gen.tokens)[:len(chunk)]
-        rewards.append(task.score_batch(texts, chunk))
-        finished.append(np.asarray(gen.finished)[:len(chunk)])
-    r, f = np.concatenate(rewards), np.concatenate(finished)
+    for s in range(0, share, size):
+        chunk = mine[s:s + size]
+        rows = chunk + chunk[:1] * (size - len(chunk))
+        ids, lens = tokenizer.encode_batch([task.prompt(e) for e in rows], length=prompt_len)
+        gen = generate_rows(params, cfg, ids, lens, mesh=mesh, max_new_tokens=max_new_tokens,
+                            eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
+        rewards.append(task.score_batch(decode_rows(tokenizer, gen.tokens)[:len(chunk)], chunk))
+        finished.append(gen.finished[:len(chunk)])
+    packed = pack_rows(np.concatenate(rewards)[:, None], np.concatenate(finished)[:, None], np.zeros((share, 1)))
+    r, f, _ = unpack_rows(distributed.allgather_host(packed).reshape(procs * share, 1, 3)[:n])
     return {"accuracy": float((r >= 1.0).mean()), "mean_reward": float(r.mean()),
             "truncation_rate": float(1 - f.mean())}
 
 
-class _Gen(NamedTuple):
-    tokens: np.ndarray
-    finished: np.ndarray
-
+# --------------------------------------------------------------------------- the EGGROLL fine-tuner
 
 class FinetuneState(NamedTuple):
     params: Any
@@ -85,19 +213,20 @@ class FinetuneState(NamedTuple):
 
 class ESFinetuner(NamedTuple):
     es: Any
-    init: Callable  # (key, params) -> FinetuneState; builds the run's noise context once
-    step: Callable  # (FinetuneState, examples) -> (FinetuneState, metrics dict)
+    setup: Callable  # (key, params) -> the noise context, replicated: constant, never checkpointed
+    init: Callable  # (ctx, params) -> FinetuneState, replicated over every device of every process
+    step: Callable  # (ctx, FinetuneState, examples) -> (FinetuneState, metrics dict)
+    communication: Callable  # prompts per step -> bytes crossing processes per step
 
 
 def es_finetuner(cfg, tokenizer, task: Task, optimizer: optax.GradientTransformation, *, population: int,
                  sigma: float, rank: int = 1, kinds: Callable | None = None, prompt_len: int,
                  max_new_tokens: int, noise_reuse: int = 1, max_rows: int | None = None) -> ESFinetuner:
     """EGGROLL fine-tuner with the paper's group z-score fitness (see the module docstring).
-    max_rows: generate the population x prompts rows in chunks of at most this many (memory)."""
+    max_rows: each process generates its rows in chunks of at most this many (memory)."""
     es = eggroll(population, sigma, rank, shaping="group_z_score", kinds=kinds or llm_kinds(),
                  noise_reuse=noise_reuse)
-
-    context: dict = {}  # the noise context (constant for the run): made by init, never in the state
+    mesh, place = local_mesh(), distributed.replicate
 
     @jax.jit
     def update(params, opt_state, es_state, ctx, fitness):
@@ -106,36 +235,96 @@ def es_finetuner(cfg, tokenizer, task: Task, optimizer: optax.GradientTransforma
         m = {**m, "update_norm": optax.tree.norm(updates)}
         return optax.apply_updates(params, updates), opt_state, es_state, m
 
-    def init(key, params) -> FinetuneState:
-        context["ctx"] = es.setup(key, params)
-        return FinetuneState(params, optimizer.init(params), es.init(context["ctx"]))
-
-    def step(state: FinetuneState, examples: Sequence[dict]):
-        if "ctx" not in context:
-            raise RuntimeError("call init(key, params) before step: it builds the noise context")
-        ctx = context["ctx"]
-        j = len(examples)
+    def member_rows(members, params, noise_args, examples):
+        """This process's members' answers to every prompt -> (members, J, 3) packed rows."""
+        j, k = len(examples), len(members)
         ids, lens = tokenizer.encode_batch([task.prompt(e) for e in examples], length=prompt_len)
-        members = np.repeat(np.arange(population, dtype=np.int32), j)  # row i*J + j: member i, prompt j
-        rows_ids, rows_lens = np.tile(ids, (population, 1)), np.tile(lens, population)
-        n = population * j
-        chunk = nz.largest_divisor_at_most(n, max_rows or n)
-        tokens, finished = [], []
-        for s in range(0, n, chunk):  # equal chunks: one compiled shape
-            g = generate(state.params, cfg, rows_ids[s:s + chunk], rows_lens[s:s + chunk],
-                         max_new_tokens=max_new_tokens, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-                         noise_fn=es.noise, noise_args=(ctx, state.es_state), member_ids=members[s:s + chunk])
-            tokens.append(np.asarray(g.tokens))
-            finished.append(np.asarray(g.finished))
-        gen = _Gen(np.concatenate(tokens), np.concatenate(finished))
-        texts = decode_rows(tokenizer, gen.tokens)
-        scores = task.score_batch(texts, list(examples) * population).reshape(population, j)
-        answers = [[task.answer(texts[i * j + q]) for q in range(j)] for i in range(population)]
-        diag = generation_diagnostics(scores, answers=answers,
-                                      finished=np.asarray(gen.finished).reshape(population, j))
-        params, opt_state, es_state, m = update(state.params, state.opt_state, state.es_state, ctx,
-                                                jnp.asarray(scores))
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        return FinetuneState(params, opt_state, es_state), {**diag, **m, "samples": population * j}
+        ids, lens, row_members = np.tile(ids, (k, 1)), np.tile(lens, k), np.repeat(members, j)  # row i*J + j
+        n = k * j
+        chunk = mesh.size * nz.largest_divisor_at_most(n // mesh.size, max(1, (max_rows or n) // mesh.size))
+        gens = [generate_rows(params, cfg, ids[s:s + chunk], lens[s:s + chunk], mesh=mesh, max_new_tokens=max_new_tokens,
+                              eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, noise_fn=es.noise,
+                              noise_args=noise_args, member_ids=row_members[s:s + chunk])
+                for s in range(0, n, chunk)]  # equal chunks: one compiled shape
+        texts = decode_rows(tokenizer, np.concatenate([g.tokens for g in gens]))
+        scores = task.score_batch(texts, list(examples) * k).reshape(k, j)
+        answers = [[answer_id(task.answer(texts[i * j + q])) for q in range(j)] for i in range(k)]
+        return pack_rows(scores, np.concatenate([g.finished for g in gens]).reshape(k, j), answers)
 
-    return ESFinetuner(es, init, step)
+    views: list = []  # [(ctx, its local view)]: the constant context is viewed once
+
+    def step(ctx, state: FinetuneState, examples: Sequence[dict]):
+        state = place(state)
+        if not views or views[0][0] is not ctx:
+            views[:] = [(ctx, local_view(ctx, mesh))]
+        params, noise_args = local_view(state.params, mesh), (views[0][1], local_view(state.es_state, mesh))
+        packed = distributed.host_fitness(lambda ms: member_rows(ms, params, noise_args, examples), population)
+        scores, finished, answers = unpack_rows(packed)
+        diag = generation_diagnostics(scores, answers=answers, finished=finished)
+        params, opt_state, es_state, m = update(state.params, state.opt_state, state.es_state, ctx,
+                                                place(jnp.asarray(scores)))
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        return FinetuneState(params, opt_state, es_state), {**diag, **m, "samples": population * len(examples)}
+
+    def communication(prompts: int) -> dict:  # host_fitness: packed rows + member indices
+        per = population // jax.process_count()
+        return {**gather_bytes(per * (12 * prompts + 4)), "gathered": "rewards, stops, answer ids per row"}
+
+    return ESFinetuner(es, lambda key, params: place(es.setup(key, params)),
+                       lambda ctx, params: place(FinetuneState(params, optimizer.init(params), es.init(ctx))),
+                       step, communication)
+
+
+# --------------------------------------------------------------------------- prompts and time budgets
+
+class PromptStream:
+    """The training prompts of step t: the t-th draw of n from random.Random(seed), as if drawn
+    step after step (after a resume the stream is replayed up to step t: exact, and cheap)."""
+
+    def __init__(self, pool, seed: int, n: int):
+        self.pool, self.seed, self.n = pool, seed, n
+        self.rng, self.next = random.Random(seed), 0
+
+    def at(self, step: int) -> list:
+        if step != self.next:
+            self.rng, self.next = random.Random(self.seed), 0
+            while self.next < step:
+                self._draw()
+        return self._draw()
+
+    def _draw(self) -> list:
+        self.next += 1
+        return [self.pool[self.rng.randrange(len(self.pool))] for _ in range(self.n)]
+
+
+class BudgetClock:
+    """A time budget on the run harness: the running total of the steps' own seconds on one clock
+    (cpu: process CPU time; wall), agreed across processes (the slowest one's, 8 bytes per step)
+    so that every process stops and evaluates at the same step. `timed(fn, *args)` -> (fn's
+    result, {"cpu_s", "step_s"}: make both harness totals); `stop` is Train.stop (it takes the
+    harness's total, restored from the checkpoint on a resume); `crossed(every)`: whether the
+    last step crossed a multiple of `every` seconds."""
+
+    KEYS = {"cpu": "cpu_s", "wall": "step_s"}
+
+    def __init__(self, clock: str, budget: float):
+        self.key, self.budget, self.now, self.before = self.KEYS[clock], budget, 0.0, 0.0
+
+    def timed(self, fn, *args):
+        c0, w0 = time.process_time(), time.perf_counter()
+        out = fn(*args)
+        spent = distributed.allgather_host(np.asarray([time.process_time() - c0, time.perf_counter() - w0],
+                                                      np.float32)).max(axis=0).tolist()
+        self.before = self.now
+        self.now += spent[0 if self.key == "cpu_s" else 1]
+        return out, {"cpu_s": spent[0], "step_s": spent[1]}
+
+    def stop(self, record: dict) -> bool:
+        self.now = record[self.key]
+        return self.over()
+
+    def over(self) -> bool:
+        return self.now >= self.budget
+
+    def crossed(self, every: float) -> bool:
+        return self.now // every > self.before // every

@@ -398,11 +398,14 @@ def stderr(xs) -> float:
 
 
 class Trainer(NamedTuple):
-    """What both ES and PPO provide: one compile, any number of seeds."""
+    """What both ES and PPO provide to the `rl` recipe: one compile, any number of seeds. Every
+    array it returns is replicated over every device of every process (`distributed.replicate`)."""
 
     env: Env
-    init: Callable  # seed -> state
-    step: Callable  # state -> (state, metrics incl. "env_steps")
+    init: Callable  # seed -> the generation-0 state (checkpointed by the harness)
+    context: Callable  # seed -> the run's constant step input (ES: the noise context; PPO: None)
+    step: Callable  # (state, context) -> (state, metrics incl. "env_steps")
     evaluate: Callable  # (state, key) -> (eval_episodes,) returns of the deterministic policy
-    params: Callable  # state -> policy params (for checkpoints)
+    params: Callable  # state -> policy params
     num_params: int
+    communication: Callable | None = None  # (state, context) -> bytes per generation / update (measured)
