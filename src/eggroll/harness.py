@@ -192,9 +192,19 @@ class _Loop:
     def train_s(self) -> float:
         return round(self.log.elapsed - self.eval_s, 4)
 
+    def check_budget(self) -> None:
+        """Decide once per generation whether the budget (`Train.stop`) is spent: agreed by every
+        process, since it may read a clock that differs between them."""
+        hit = bool(self.train.stop and self.gen > 0 and self.train.stop({**self.record, **self.totals,
+                                                                         "train_s": self.train_s()}))
+        self.budget_hit = _agree(hit) if self.train.stop else False
+
     def over_budget(self) -> bool:
-        return bool(self.train.stop and self.gen > 0 and self.train.stop({**self.record, **self.totals,
-                                                                          "train_s": self.train_s()}))
+        return self.budget_hit
+
+    def time_up(self) -> bool:
+        """The time limit, agreed by every process (their wall clocks differ)."""
+        return bool(self.cfg.time_limit) and _agree(self.log.elapsed >= self.cfg.time_limit)
 
     def done(self) -> bool:
         return bool(self.train.done and self.evaluation is not None and self.train.done(self.evaluation))
@@ -216,6 +226,7 @@ class _Loop:
         rec.update(self.totals)
         rec.update({k: v for k, v in self.comm.items() if k in ("comm_bytes_per_process", "comm_bytes_sent_per_process")})
         self.record = rec
+        self.check_budget()
         if self.gen % cfg.eval_every == 0 or self.gen == cfg.generations or self.over_budget():
             rec.update(self.evaluate())
         rec["train_s"] = self.train_s()
@@ -227,8 +238,9 @@ class _Loop:
         if self.evaluation is None:  # a fresh run: generation 0's evaluation
             log.log(0, {**self.evaluate(), **self.totals})
         last_plot = time.perf_counter()
+        self.check_budget()  # a resumed run may already be past its budget
         while self.gen < cfg.generations and not self.done() and not self.over_budget():
-            if cfg.time_limit and log.elapsed >= cfg.time_limit:
+            if self.time_up():
                 log.print(f"[{self.train.name}] time limit {cfg.time_limit} s reached at generation {self.gen}")
                 self.stopped = "time_limit"
                 break
@@ -252,6 +264,13 @@ class _Loop:
         if self.train.summary:
             result.update(self.train.summary(self.state, result))
         return result
+
+
+def _agree(flag: bool) -> bool:
+    """True on every process if it is True on any (one small host all-gather when several run)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(distributed.allgather_host(np.asarray([int(bool(flag))], np.int32)).any())
 
 
 def _params_of(state):
