@@ -197,22 +197,6 @@ def test_interrupted_write_falls_back_to_old(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temp dirs left behind
 
 
-def test_config_mismatch_names_each_changed_field():
-    import dataclasses
-
-    from eggroll.checkpoint import config_mismatch
-
-    @dataclasses.dataclass
-    class Cfg:
-        lr: float = 0.1
-        seed: int = 0
-        steps: int = 10
-
-    saved = dataclasses.asdict(Cfg(lr=0.2, steps=99))
-    assert config_mismatch(Cfg(), saved, ("lr", "seed")) == ["lr: checkpoint 0.2 vs now 0.1"]
-    assert config_mismatch(Cfg(lr=0.2), saved, ("lr", "seed")) == []
-
-
 def test_cli_reports_a_broken_checkpoint_in_one_line(tmp_path, capsys):
     from eggroll.cli import main
 

@@ -17,7 +17,6 @@ with one line that names the file and says what to do; never a raw library error
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -189,10 +188,3 @@ def load_checkpoint(directory, template):
         raise CheckpointError(f"checkpoint {path} was written by a different model or optimizer "
                               f"({'; '.join(problems)}); resume with the original config, or {_fix(d)}")
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves), meta["metadata"]
-
-
-def config_mismatch(config, saved: dict, fields) -> list[str]:
-    """The trajectory-changing `fields` on which a dataclass `config` differs from the config
-    dict saved with a checkpoint, as "name: checkpoint X vs now Y" lines (empty: safe to resume)."""
-    now = dataclasses.asdict(config)
-    return [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in fields if saved.get(k) != now[k]]

@@ -36,6 +36,12 @@ AXIS = "population"
 _NO_CHECK = {"check_vma": False} if "check_vma" in inspect.signature(_shard_map).parameters else {"check_rep": False}
 
 
+def shard_map_unchecked(fn: Callable, *, mesh: Mesh, in_specs, out_specs):
+    """jax's shard_map without re-proving replication of the outputs (the callers' collectives
+    make them replicated by construction); one spelling for every jax version."""
+    return _shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **_NO_CHECK)
+
+
 def population_mesh(devices: Sequence | None = None) -> Mesh:
     """A 1-D mesh over `devices` (default: every device of every process) with axis name
     'population'."""
@@ -76,4 +82,4 @@ def evaluate_population(fitness_fn: Callable, population: int, *, chunk: int | N
         out = _map_chunks(fitness_fn, ms, chunk)
         return jax.tree_util.tree_map(lambda x: lax.all_gather(x, AXIS, tiled=True), out)
 
-    return _shard_map(shard, mesh=mesh, in_specs=P(AXIS), out_specs=P(), **_NO_CHECK)(members)
+    return shard_map_unchecked(shard, mesh=mesh, in_specs=P(AXIS), out_specs=P())(members)

@@ -45,7 +45,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .. import distributed
-from ..population import _NO_CHECK, AXIS, _shard_map, population_mesh
+from ..population import AXIS, population_mesh, shard_map_unchecked
 from ..sampling import decode_rows, generate
 from ..tasks.diagnostics import generation_diagnostics
 from ..tasks.finetune import answer_id, gather_bytes, generate_rows, local_mesh, local_view, pack_rows, unpack_rows
@@ -234,7 +234,7 @@ def data_parallel_update(logprob_fn: Callable, optimizer: optax.GradientTransfor
         (params, opt_state), metrics = lax.scan(one_step, (params, opt_state), idx)
         return params, opt_state, jax.tree_util.tree_map(jnp.mean, metrics)
 
-    return jax.jit(_shard_map(shard, mesh=mesh, in_specs=(P(), P(), P(axis), P()), out_specs=P(), **_NO_CHECK))
+    return jax.jit(shard_map_unchecked(shard, mesh=mesh, in_specs=(P(), P(), P(axis), P()), out_specs=P()))
 
 
 def grpo_finetuner(cfg, tokenizer, task, optimizer: optax.GradientTransformation, *, group_size: int,

@@ -51,7 +51,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .. import distributed
 from .. import noise as nz
-from ..population import _NO_CHECK, _shard_map, population_mesh
+from ..population import population_mesh, shard_map_unchecked
 from ..sampling import decode_rows, generate
 from ..strategy import eggroll
 from .diagnostics import generation_diagnostics
@@ -122,7 +122,7 @@ def _sharded_generate(cfg, mesh, max_new_tokens, temperature, eos_ids, pad_id, n
         return tuple(g)
 
     specs = (P(), P(ROWS), P(ROWS), P(ROWS), P(), P())
-    return jax.jit(_shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(ROWS), **_NO_CHECK))
+    return jax.jit(shard_map_unchecked(body, mesh=mesh, in_specs=specs, out_specs=P(ROWS)))
 
 
 def generate_rows(params, cfg, ids, lens, *, mesh: Mesh, max_new_tokens: int, eos_ids, pad_id: int,
