@@ -377,6 +377,6 @@ def test_cli_refuses_multi_process_for_a_recipe_not_ready(capsys):
 
     # checked before jax.distributed starts: no coordinator is needed to see the refusal
     flags = ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0"]
-    assert cli.main(["train", "rl", *flags]) == 2
+    assert cli.main(["bench", "throughput", *flags]) == 2
     err = capsys.readouterr().err
-    assert "does not support multi-process" in err and "train egg" in err
+    assert "does not support multi-process" in err and "eggroll train" in err

@@ -121,8 +121,8 @@ def main(argv=None) -> int:
     multi = launch.num_processes > 1
     mod = importlib.import_module(modname)  # no module touches a device at import
     if multi and not _multi_process_ready(mod):
-        print(f"eggroll {label}: error: this command does not support multi-process runs yet (recipes on the "
-              "run harness do, e.g. train cartpole and train egg); run it as one process, without --coordinator / "
+        print(f"eggroll {label}: error: this command does not support multi-process runs (every "
+              "`eggroll train` recipe does); run it as one process, without --coordinator / "
               "--num-processes / --process-id (docs/DISTRIBUTED.md, 'The contract for a recipe')", file=sys.stderr)
         return 2
     if multi and "-h" not in rest and "--help" not in rest:
