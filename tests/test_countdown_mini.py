@@ -11,6 +11,7 @@ import pytest
 
 from eggroll.models import transformer as tfm
 from eggroll.recipes import countdown_mini as cm
+from eggroll.recipes import countdown_sft
 from eggroll.tasks.char_tokenizer import CharTokenizer
 from eggroll.baselines.grpo import grpo_finetuner
 from eggroll.tasks.finetune import es_finetuner, llm_kinds
@@ -79,7 +80,7 @@ def test_problem_sets_disjoint_and_solved():
     task = cm.make_task(cfg)
     held, train = cm.problem_sets(cfg, task)
     assert len(held) == 50 and len(train) == 200
-    assert not {cm._key(e) for e in held} & {cm._key(e) for e in train}
+    assert not {countdown_sft._key(e) for e in held} & {countdown_sft._key(e) for e in train}
     for ex in random.Random(0).sample(train, 20):
         assert task.reward(ex["solution"], ex) == 1.0
         assert len(task.prompt(ex)) <= cm.PROMPT_LEN and len(ex["solution"]) < cfg.max_new_tokens

@@ -11,6 +11,7 @@
    brute-force solutions (`solve_countdown`) with Adam until its held-out accuracy reaches
    `sft_target` (modest on purpose: RL has room to improve it) or `sft_max_steps`. The
    checkpoint, <run_dir>/sft, is reused by later runs with the same SFT settings.
+   (Stages 1 and 2 live in eggroll.recipes.countdown_sft; the fine-tunes and reports here.)
 3. Fine-tuning from it, EGGROLL (population x prompts greedy answers, group z-score fitness,
    low-rank noise on the weight matrices) and GRPO (prompts x group samples at temperature 1,
    clipped token-mean loss, Adam), both through `eggroll.tasks.finetune`, each for `budget_s`
@@ -45,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import time
 from collections import namedtuple
 from dataclasses import dataclass
@@ -56,20 +56,14 @@ import numpy as np
 import optax
 
 from .. import distributed, harness
-from ..baselines import grpo as grpo_mod
 from ..baselines.grpo import check_data_parallel, grpo_finetuner
 from ..config import OPTIMIZERS, flag
-from ..models import transformer as tfm
 from ..runlog import read_metrics, write_json
 from ..tasks.char_tokenizer import CharTokenizer
-from ..tasks.finetune import BudgetClock, PromptStream, es_finetuner, evaluate_accuracy, llm_kinds
-from ..tasks.reasoning import CountdownSpec, countdown_task, solve_countdown
+from ..tasks.finetune import BudgetClock, PromptStream, es_finetuner, llm_kinds
+from .countdown_sft import (PROMPT_LEN, SFT_FIELDS, held_out_accuracy, log, make_task, model_config, problem_sets,
+                            supervised_start)
 
-SPEC = CountdownSpec(min_numbers=3, max_numbers=3, min_value=1, max_value=10, min_target=1, max_target=100)
-TEMPLATE = "{numbers_str}>{target}:"
-PROMPT_LEN = 13  # "10 10 10>100:"
-SFT_FIELDS = ("hidden", "layers", "sft_seed", "sft_problems", "sft_batch", "sft_lr", "sft_target",
-              "sft_max_steps", "eval_problems")
 STRATEGY_FIELDS = {"eggroll": ("population", "es_prompts", "sigma", "rank", "es_lr", "es_optimizer", "perturb_embeddings"),
                    "grpo": ("grpo_prompts", "group_size", "grpo_lr", "clip_eps", "kl_coef", "minibatches")}
 BUDGET_FIELDS = ("budget_s", "clock", "generations")  # a finished fine-tune is reused only if these match too
@@ -161,100 +155,6 @@ def seeds_of(cfg: Config) -> list[int]:
         raise ValueError(f"seeds must be comma-separated integers, got {cfg.seeds!r}") from None
 
 
-def model_config(cfg: Config, vocab: int) -> tfm.TransformerConfig:
-    heads = cfg.hidden // 16
-    return tfm.TransformerConfig(vocab_size=vocab, hidden_size=cfg.hidden, num_layers=cfg.layers, num_heads=heads,
-                                 num_kv_heads=max(1, heads // 2), head_dim=16, intermediate_size=3 * cfg.hidden,
-                                 max_position=64, tie_embeddings=False)
-
-
-def make_task(cfg: Config):
-    return countdown_task(SPEC, template=TEMPLATE, source="builtin", partial=cfg.partial,
-                          answer_fn=lambda text: text.strip() or None)
-
-
-def _key(ex) -> tuple:
-    return (tuple(ex["numbers"]), ex["target"])
-
-
-def problem_sets(cfg: Config, task):
-    """(held-out examples, training pool with solver solutions); disjoint by (numbers, target)."""
-    held = task.sample(random.Random(10_000 + cfg.sft_seed), cfg.eval_problems)
-    held_keys = {_key(e) for e in held}
-    rng, train, seen = random.Random(cfg.sft_seed), [], set()
-    for _ in range(100 * cfg.sft_problems):
-        if len(train) == cfg.sft_problems:
-            break
-        ex = task.sample(rng, 1)[0]
-        k = _key(ex)
-        if k in held_keys or k in seen:
-            continue
-        seen.add(k)
-        ex["solution"] = solve_countdown(ex["numbers"], ex["target"]).replace(" ", "")
-        train.append(ex)
-    if len(train) < cfg.sft_problems:
-        raise ValueError(f"countdown-mini: only {len(train)} distinct training problems found; lower sft_problems")
-    return held, train
-
-
-def _log(cfg, msg):
-    if cfg.progress:
-        distributed.say(f"[countdown-mini] {msg}")
-
-
-def supervised_start(cfg: Config, mcfg, tok, task, held, train) -> tuple:
-    """Train (or reuse) the SFT checkpoint -> (params, start accuracy, metadata). Every process
-    trains the same model; process 0 writes it."""
-    ckpt = Path(cfg.run_dir) / "sft"
-    sft_cfg = {k: getattr(cfg, k) for k in SFT_FIELDS}
-    template = tfm.init_params(jax.random.PRNGKey(cfg.sft_seed), mcfg)
-    if distributed.checkpoint_exists(ckpt):
-        params, meta = distributed.load_checkpoint(ckpt, template)
-        if meta.get("sft_config") == sft_cfg:
-            _log(cfg, f"reusing SFT checkpoint {ckpt} (held-out accuracy {meta['accuracy']:.3f})")
-            return params, meta["accuracy"], meta
-        _log(cfg, f"SFT settings changed: retraining {ckpt}")
-    prompts, plens = tok.encode_batch([task.prompt(e) for e in train], length=PROMPT_LEN)
-    comps, clens = tok.encode_batch([e["solution"] + "" for e in train], left_pad=False, length=cfg.max_new_tokens)
-    comps[np.arange(len(train)), clens] = tok.eos_id  # solution then EOS (fits: max_new_tokens >= 12)
-    clens = clens + 1
-    data = grpo_mod.build_batch(prompts, plens, comps, clens, np.zeros(len(train)), None)
-    fn = grpo_mod.transformer_logprob_fn(mcfg)
-    opt = optax.adam(cfg.sft_lr)
-
-    @jax.jit
-    def step(params, opt_state, idx):
-        def loss(p):
-            lp = grpo_mod.completion_logprobs(fn, p, data.tokens[idx], data.positions[idx], cfg.max_new_tokens)
-            m = data.mask[idx]
-            return -(lp * m).sum() / m.sum()
-        val, g = jax.value_and_grad(loss)(params)
-        upd, opt_state = opt.update(g, opt_state, params)
-        return optax.apply_updates(params, upd), opt_state, val
-
-    params, opt_state = template, opt.init(template)
-    rng = np.random.default_rng(cfg.sft_seed)
-    acc, steps, t0 = 0.0, 0, time.perf_counter()
-    while steps < cfg.sft_max_steps:
-        n = min(100, cfg.sft_max_steps - steps)
-        for _ in range(n):
-            params, opt_state, loss = step(params, opt_state, rng.integers(0, len(train), cfg.sft_batch))
-        steps += n
-        acc = _accuracy(cfg, params, mcfg, tok, task, held)
-        _log(cfg, f"SFT step {steps}: loss {float(loss):.3f}, held-out accuracy {acc:.3f}")
-        if acc >= cfg.sft_target:
-            break
-    meta = {"accuracy": acc, "steps": steps, "sft_s": round(time.perf_counter() - t0, 1), "sft_config": sft_cfg,
-            "num_params": tfm.num_params(params)}
-    distributed.save_checkpoint(ckpt, params, meta)
-    return params, acc, meta
-
-
-def _accuracy(cfg, params, mcfg, tok, task, held) -> float:
-    return evaluate_accuracy(params, mcfg, tok, task, held, prompt_len=PROMPT_LEN,
-                             max_new_tokens=cfg.max_new_tokens)["accuracy"]
-
-
 # what every fine-tune shares: model config, tokenizer, task, problems and the SFT start
 Setup = namedtuple("Setup", "mcfg tok task held train params0 start_acc sft_meta")
 
@@ -311,8 +211,8 @@ def make_train(cfg: Config, setup: Setup, top: Config) -> harness.Train:
         if not (clock.over() or gen >= cfg.generations or clock.crossed(cfg.eval_every_s)
                 or (top.eval_every and gen % top.eval_every == 0)):
             return {}
-        acc = _accuracy(cfg, state.params, setup.mcfg, setup.tok, setup.task, setup.held)
-        _log(top, f"{strategy} seed {seed}: {clock.now:.0f}s ({cfg.clock}) step {gen} held-out accuracy {acc:.3f} "
+        acc = held_out_accuracy(cfg, state.params, setup.mcfg, setup.tok, setup.task, setup.held)
+        log(top, f"{strategy} seed {seed}: {clock.now:.0f}s ({cfg.clock}) step {gen} held-out accuracy {acc:.3f} "
                   f"(batch reward {last['mean_reward']:.3f}, no-signal {last['no_signal_frac']:.2f})")
         return {"accuracy": acc}
 
@@ -357,7 +257,7 @@ def run(cfg: Config) -> dict:
             # process 0 decides (it reads the run directory the others may not see)
             done = distributed.allgather_host(np.asarray([_finished(sub) is not None], np.int32)).reshape(-1)[0]
             if done:
-                _log(cfg, f"{strategy} seed {seed} already finished in {sub.run_dir}: skipped")
+                log(cfg, f"{strategy} seed {seed} already finished in {sub.run_dir}: skipped")
                 continue
             harness.run(sub, lambda c: make_train(c, setup, cfg))
             distributed.barrier("countdown-mini fine-tune")  # process 0 has written its files
