@@ -1,4 +1,5 @@
-"""RL adapters (gymnax), rollouts, population fitness, PPO maths and the `rl` recipe / bench.
+"""RL adapters (gymnax), rollouts, population fitness, PPO maths, loop-weighted communication
+(distributed.loop_collective_bytes, which PPO's update accounting needs) and the `rl` recipe / bench.
 
 Other suites (brax, jumanji, navix, craftax, MPE) are in test_rl_suites.py and skip when absent."""
 
@@ -183,6 +184,61 @@ def test_gae_matches_brute_force():
             want[t, e] = total
     np.testing.assert_allclose(np.asarray(adv), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(ret), want + v, rtol=1e-5, atol=1e-5)
+
+
+LOOPED_HLO = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %s = f32[] add(%a, %b)
+}
+
+%small (p: f32[4]) -> f32[4] {
+  %ar1 = f32[1]{0} all-reduce(%p), replica_groups={{0,1}}, to_apply=%add
+}
+
+%big (p: f32[4]) -> f32[4] {
+  %ar2 = f32[8]{0} all-reduce(%p), replica_groups={{0,1}}, to_apply=%add
+}
+
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %ag = s32[2]{0} all-gather(%x), replica_groups={{0,1}}, dimensions={0}
+}
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %c = f32[4]{0} conditional(%i, %p, %p), branch_computations={%small, %big}
+}
+
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %w = (s32[], f32[4]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %ar = bf16[2]{0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%add
+}
+"""
+
+
+def test_loop_collective_bytes_counts_trips_and_one_branch():
+    """A while body counts trip-count times, its condition once more, a conditional its largest branch."""
+    from eggroll.distributed import comm
+
+    assert comm.collective_bytes(LOOPED_HLO) == {"all-reduce": 4 + 4 + 32, "all-gather": 4}  # each op once
+    assert comm.loop_collective_bytes(LOOPED_HLO) == {"all-reduce": 4 + 3 * 32, "all-gather": 4 * 4}
+    fragment = "  %ar = f32[2]{0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%add"
+    assert comm.loop_collective_bytes(fragment) == comm.collective_bytes(fragment) == {"all-reduce": 8}
+
+
+def test_communication_counts_collectives_inside_a_scan():
+    from jax import lax
+    from jax.sharding import PartitionSpec as P
+
+    from eggroll import distributed
+    from eggroll.population import AXIS, population_mesh, shard_map_unchecked
+
+    def f(x):  # a psum of the (1, 3) f32 block per device, 5 times
+        return lax.scan(lambda c, _: (c + lax.psum(2.0 * c, AXIS), None), x, None, length=5)[0]
+
+    mesh = population_mesh()
+    g = jax.jit(shard_map_unchecked(f, mesh=mesh, in_specs=(P(AXIS),), out_specs=P(AXIS)))
+    comm = distributed.communication(g, jnp.ones((mesh.size, 3)))
+    assert comm["comm_by_kind"] == {"all-reduce": 5 * 12} and comm["comm_bytes_per_device"] == 60
 
 
 TINY = {"hidden": "16", "population": 16, "eval_every": 2, "eval_episodes": 8, "progress": False, "max_steps": 200}

@@ -22,7 +22,7 @@ added in device order (grad_reduce "gather": the same bits for any split of the 
 processes) or by XLA's all-reduce ("psum"). The environments' states are all-gathered once per
 update so the state stays replicated (what the checkpoint needs). One device: no collective, the
 single-device algorithm. `update_communication` measures the bytes of one update, loops counted
-as often as they run.
+as often as they run (distributed.communication does).
 
 Simplifications (stated, not hidden): episodes cut by the rollout horizon are treated as terminal
 (no value bootstrap at truncation); no observation or reward normalisation (the ES runs have none
@@ -38,7 +38,6 @@ MLP and the same evaluation as the ES runs, which is what a like-for-like compar
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, NamedTuple
 
 import jax
@@ -49,6 +48,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec as P
 
 from .. import distributed
+from ..distributed.comm import collective_bytes, hlo_communication
 from ..models.mlp import init_mlp, mlp
 from ..population import _NO_CHECK, AXIS, _shard_map, population_mesh
 from ..tasks import rl as rlt
@@ -278,48 +278,10 @@ def make_ppo_trainer(env: rlt.Env, hp: dict, eval_episodes: int, mesh=None) -> r
                        communication)
 
 
-_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_CALLEE = re.compile(r"\b(?:body|calls|to_apply|branch_computations)=\{?%([\w.\-]+)")
-
-
-def loop_collective_bytes(hlo_text: str) -> dict:
-    """distributed.collective_bytes of a compiled program, with every collective counted as
-    often as it runs: an op in a while body counts `known_trip_count` times (nested loops
-    multiply), so a PPO update's per-minibatch gradient counts epochs x minibatches times."""
-    comps, name = {}, None
-    for line in hlo_text.splitlines():
-        m = re.match(r"(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)
-        if m:
-            name = "ENTRY" if line.startswith("ENTRY") else m.group(1)
-            comps[name] = []
-        elif name is not None:
-            comps[name].append(line)
-
-    def total(comp: str, seen=()) -> dict:
-        lines = comps.get(comp, [])
-        out = dict(distributed.collective_bytes("\n".join(lines)))
-        for line in lines:
-            trips = int(_TRIPS.search(line).group(1)) if " while(" in line and _TRIPS.search(line) else 1
-            for callee in _CALLEE.findall(line):
-                if callee in comps and callee not in seen:
-                    for k, v in total(callee, (*seen, comp)).items():
-                        out[k] = out.get(k, 0) + trips * v
-        return out
-
-    return total("ENTRY")
-
-
 def update_communication(jitted, *args, n_params: int, mesh) -> dict:
-    """distributed.communication of one PPO update, its byte counts weighted by loop trips:
-    comm_bytes_per_device is what one device sends in a whole update; comm_bytes_once counts
-    each collective of the program once (one rollout + one minibatch step)."""
-    out = distributed.communication(jitted, *args, n_params=n_params, mesh=mesh)
-    per_kind = loop_collective_bytes(jitted.lower(*args).compile().as_text())
-    dev = sum(per_kind.values())
-    devices = list(mesh.devices.reshape(-1))
-    local = sum(1 for d in devices if d.process_index == jax.process_index())
-    procs = len({d.process_index for d in devices})
-    out.update(comm_bytes_once=out["comm_bytes_per_device"], comm_by_kind=per_kind, comm_bytes_per_device=dev,
-               comm_bytes_per_process=dev * local,
-               comm_bytes_sent_per_process=dev * len(devices) * (procs - 1) // procs)
-    return out
+    """distributed.communication of one PPO update (collectives counted as often as they run:
+    comm_bytes_per_device is what one device sends in a whole update), plus comm_bytes_once, each
+    collective of the program counted once (one rollout + one minibatch step)."""
+    text = jitted.lower(*args).compile().as_text()
+    out = hlo_communication(text, n_params=n_params, mesh=mesh)
+    return {**out, "comm_bytes_once": sum(collective_bytes(text).values())}

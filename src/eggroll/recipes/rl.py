@@ -27,7 +27,7 @@ run_dir/config.json and run_dir/result.json sum the seeds up. The final JSON: en
 mean_return (mean over seeds of the final eval return), stderr (over seeds), wall_s (mean per
 seed of the training wall clock: set-up and compilation are done once before the seeds and
 reported as compile_s; evaluations are excluded), env_steps (mean per seed), communication,
-plus per-seed details. Hyperparameters: flags > PRESETS[env] > DEFAULTS.
+plus per-seed details. Hyperparameters: flags > PRESETS[env] > DEFAULTS (recipes/rl_presets.py).
 
 Several processes (`--coordinator HOST:PORT --num-processes P --process-id I`, see
 docs/DISTRIBUTED.md and docs/RL.md): ES shards the population over every device of every
@@ -53,53 +53,15 @@ import optax
 
 from .. import checkpoint as ckpt
 from .. import distributed, harness
-from ..config import OPTIMIZERS, flag, hidden_sizes
+from ..config import OPTIMIZERS, flag
 from ..models.mlp import ACTIVATIONS, init_mlp
 from ..runlog import write_json
 from ..shaping import SHAPINGS
 from ..strategy import make_strategy
 from ..tasks import rl as rlt
+from .rl_presets import DEFAULTS, PRESETS, canonical, preset_key, resolve  # noqa: F401 (rl.PRESETS etc.)
 
 METHODS = ("eggroll", "open_es", "ppo")
-
-# Hyperparameters every run starts from (flags and presets override them).
-DEFAULTS: dict[str, Any] = {
-    "population": 64, "sigma": 0.1, "rank": 1, "lr": 0.02, "lr_decay": 1.0, "optimizer": "adam", "hidden": "256,256,256",
-    "activation": "tanh", "shaping": "centered_rank", "episodes": 1, "max_steps": 0,
-    # PPO
-    "ppo_lr": 3e-4, "num_envs": 16, "rollout_len": 128, "ppo_epochs": 4, "minibatches": 4, "gamma": 0.99, "gae_lambda": 0.95,
-    "clip_eps": 0.2, "ent_coef": 0.01, "vf_coef": 0.5, "max_grad_norm": 0.5, "grad_reduce": "gather",
-}
-
-# Per-environment presets. "es" applies to eggroll and open_es, "ppo" to PPO. MPE values are the
-# paper's appendix choices for EGGROLL (3x64, lr 0.01, AdamW, rank 1; "no rank transform" -> z_score)
-# and its IPPO baseline (lr 1e-3, 4 epochs, 4 minibatches, entropy 0.01). The others are hand-set
-# for a small CPU budget (not from the paper; `eggroll tune` searches them).
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "MPE_simple_spread_v3": {
-        "es": {"activation": "tanh", "lr": 0.01, "lr_decay": 0.7, "hidden": "64,64,64", "population": 128,
-                   "optimizer": "adamw", "rank": 1, "sigma": 0.5, "shaping": "z_score"},
-        "ppo": {"hidden": "64,64,64", "ppo_lr": 1e-3, "ppo_epochs": 4, "minibatches": 4, "ent_coef": 0.01}},
-    "MPE_simple_speaker_listener_v4": {
-        "es": {"activation": "tanh", "lr": 0.01, "lr_decay": 0.7, "hidden": "64,64,64", "population": 512,
-                   "optimizer": "adamw", "rank": 1, "sigma": 0.5, "shaping": "centered_rank"},
-        "ppo": {"hidden": "64,64,64", "ppo_lr": 1e-3, "ppo_epochs": 4, "minibatches": 4, "ent_coef": 0.01}},
-    "MPE_simple_reference_v3": {
-        "es": {"activation": "pqn", "lr": 0.01, "lr_decay": 0.3, "hidden": "64,64,64", "population": 4096,
-                   "optimizer": "adamw", "rank": 1, "sigma": 0.1, "shaping": "z_score"},
-        "ppo": {"hidden": "64,64,64", "ppo_lr": 1e-3, "ppo_epochs": 4, "minibatches": 4, "ent_coef": 0.01}},
-    "CartPole-v1": {"es": {"sigma": 0.1, "lr": 0.05}, "ppo": {"ppo_lr": 3e-4}},
-    "Pendulum-v1": {"es": {"sigma": 0.1, "lr": 0.02, "max_steps": 200}, "ppo": {"ppo_lr": 1e-3, "ent_coef": 0.0}},
-    "Acrobot-v1": {"es": {"sigma": 0.1, "lr": 0.05}},
-    "brax/inverted_double_pendulum": {"es": {"sigma": 0.05, "lr": 0.02}, "ppo": {"ent_coef": 0.0}},
-    "brax/hopper": {"es": {"sigma": 0.05, "lr": 0.02}, "ppo": {"ent_coef": 0.0}},
-    "Game2048-v1": {"es": {"sigma": 0.1, "lr": 0.02, "max_steps": 500}},
-    "Navix-DoorKey-5x5-v0": {"es": {"sigma": 0.1, "lr": 0.02}},
-    "Navix-DoorKey-8x8-v0": {"es": {"sigma": 0.1, "lr": 0.02}},
-    "Craftax-Classic-Symbolic-v1": {"es": {"sigma": 0.05, "lr": 0.02, "max_steps": 500}},
-    "Craftax-Symbolic-v1": {"es": {"sigma": 0.05, "lr": 0.02, "max_steps": 500}},
-}
-
 
 # Config fields that change one seed's training (compared through the presets on --resume).
 ES_TRAJECTORY = ("env", "strategy", "budget_steps", "population", "sigma", "rank", "lr", "lr_decay", "optimizer",
@@ -150,29 +112,6 @@ class Config(harness.RunConfig):
     time_limit: float = flag(0.0, "stop a seed after this many seconds of wall clock, set-up and evaluations "
                              "included (0: none); --resume continues it")
     run_dir: str = flag("", "run directory; empty: runs/rl-<env>-<strategy>")
-
-
-def resolve(cfg: Config) -> dict:
-    """Hyperparameters for this run: flags > PRESETS[env][es|ppo] > DEFAULTS."""
-    hp = _base(cfg)
-    hp.update({k: v for k, v in dataclasses.asdict(cfg).items() if k in DEFAULTS and v is not None})
-    hp["hidden"] = hidden_sizes(hp["hidden"])
-    return hp
-
-
-def _base(cfg: Config) -> dict:
-    preset = PRESETS.get(preset_key(cfg.env), {}).get("ppo" if cfg.strategy == "ppo" else "es", {})
-    return {**DEFAULTS, **preset}
-
-
-def preset_key(name: str) -> str:
-    """The PRESETS key of an env name: 'mpe/simple_spread_v3' -> 'MPE_simple_spread_v3', 'hopper' -> 'brax/hopper'."""
-    if ":" in name:
-        return name
-    suite, inner = rlt.suite_of(name)
-    if suite == "mpe":
-        return inner if inner.startswith("MPE_") else f"MPE_{inner}"
-    return f"{suite}/{inner}" if suite in ("brax", "kinetix") else inner
 
 
 def validate(cfg: Config, hp: dict) -> None:
@@ -307,17 +246,6 @@ def seed_config(cfg: Config, seed: int, hp: dict | None = None) -> Config:
     per_gen = hp["num_envs"] * hp["rollout_len"] if cfg.strategy == "ppo" else hp["population"] * hp["episodes"]
     cap = cfg.generations or -(-cfg.budget_steps // per_gen)
     return dataclasses.replace(cfg, seed=seed, run_dir=str(run_root(cfg) / f"seed{seed}"), generations=cap)
-
-
-def canonical(cfg: Config):
-    """(field, value) -> the value it trains with (None: the preset's / default's)."""
-    base = _base(cfg)
-
-    def same(k, v):
-        v = base[k] if v is None and k in base else v
-        return hidden_sizes(v) if k == "hidden" else v
-
-    return same
 
 
 def over_budget(cfg: Config, record: dict) -> bool:
