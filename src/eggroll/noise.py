@@ -298,9 +298,19 @@ def member_directions(plan: NoisePlan, key, table, epoch, pair) -> list:
         if len(idx) == 1:
             out[idx[0]] = direction_noise(plan, table, leaf_key(key, leaf), epoch, pair, leaf)
             continue
-        z = _bucket_noise(plan, table, leaf_keys(key, [plan.leaves[i] for i in idx]), epoch, pair, leaf)
+        lkeys = leaf_keys(key, [plan.leaves[i] for i in idx])
+        if table is None:  # threefry draws: one vmapped draw per bucket
+            z = _bucket_noise(plan, table, lkeys, epoch, pair, leaf)
+            for j, i in enumerate(idx):
+                out[i] = jax.tree_util.tree_map(lambda x, j=j: x[j], z)
+            continue
+        # one vectorised offset hash per bucket; each leaf gathers its own slice straight into its
+        # consumer (a stacked gather then sliced per leaf measured ~10% slower in the forward)
+        size = plan.size(leaf)
+        offsets = table_offset(lkeys, epoch, pair, table_span(table, size), size)  # (L,)
         for j, i in enumerate(idx):
-            out[i] = jax.tree_util.tree_map(lambda x, j=j: x[j], z)
+            out[i] = (lowrank_at(table, offsets[j], leaf.shape, plan.rank) if leaf.kind == LOWRANK
+                      else draw_at(table, offsets[j], size).reshape(leaf.shape))
     return out
 
 
