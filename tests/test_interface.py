@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import jaxpr_shapes
 
 import eggroll
 from eggroll import int8 as i8
@@ -81,23 +82,6 @@ def test_every_strategy_answers_the_same_verbs(name):
             np.testing.assert_allclose(np.asarray(update[k]), ref, rtol=2e-5, atol=1e-5)
 
 
-def _shapes(jaxpr) -> set:
-    out = set()
-
-    def walk(jp):
-        for eqn in jp.eqns:
-            out.update(tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars)
-            for p in eqn.params.values():
-                for sub in (p if isinstance(p, (list, tuple)) else [p]):
-                    if hasattr(sub, "jaxpr"):
-                        walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
-                    elif hasattr(sub, "eqns"):
-                        walk(sub)
-
-    walk(jaxpr.jaxpr)
-    return out
-
-
 @pytest.mark.parametrize("name", sorted(eggroll.STRATEGIES))
 def test_traced_generation_holds_no_member_sized_matrix(name):
     """Population forward + tell: no (members, m, n) intermediate for the low-rank strategies;
@@ -124,7 +108,7 @@ def test_traced_generation_holds_no_member_sized_matrix(name):
         f = eggroll.evaluate_population(member, N, chunk=4, devices=jax.local_devices()[:1])
         return es.tell(ctx, state, f)[0]
 
-    shapes = _shapes(jax.make_jaxpr(generation)(state))
+    shapes = jaxpr_shapes(jax.make_jaxpr(generation)(state))
     assert any(len(s) >= 2 for s in shapes)
     member_sized = [s for s in shapes if len(s) >= 3 and s[-2:] in ((6, 5), (5, 6)) and s[0] in (N, N // 2, 4)]
     if name in LOW_RANK:

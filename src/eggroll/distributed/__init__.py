@@ -29,7 +29,10 @@ The package, by concern (every name is re-exported here: use `distributed.X`):
 """
 
 # the private names too: code and tests written against the former single module reach them here
-from .comm import _COLLECTIVES, _DTYPE_BYTES, _OP, _SHAPE, _group_size, collective_bytes, communication  # noqa: F401
+from .comm import (  # noqa: F401
+    _COLLECTIVES, _DTYPE_BYTES, _OP, _SHAPE, _group_size, collective_bytes, communication, hlo_communication,
+    loop_collective_bytes,
+)
 from .launch import (  # noqa: F401
     DEFAULT_PEER_TIMEOUT, ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PORT, ENV_PROCESS_ID, Launch, _as_int,
     _first_env, _slurm, _state, finish, first_slurm_host, initialize, is_main_process, launch_info,
@@ -47,7 +50,7 @@ from .watchdog import (  # noqa: F401
 __all__ = [
     "DEFAULT_PEER_TIMEOUT", "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PORT", "ENV_PROCESS_ID",
     "EXIT_PEER_LOST", "Launch", "allgather_host", "barrier", "main_first", "check_replicas_agree", "checkpoint_exists",
-    "collective_bytes", "communication", "exit_now", "exit_on_peer_failure", "fingerprint", "finish",
+    "collective_bytes", "hlo_communication", "loop_collective_bytes", "communication", "exit_now", "exit_on_peer_failure", "fingerprint", "finish",
     "first_slurm_host", "host_fitness", "initialize", "is_main_process", "is_peer_failure", "launch_info",
     "load_checkpoint", "local_members", "peer_lost_message", "process_count", "process_index",
     "replicate", "resolve", "run_log", "save_checkpoint", "say",
