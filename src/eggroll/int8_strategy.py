@@ -93,19 +93,13 @@ def table_variance(table) -> int:
     return max(1, round(float(np.mean(t * t))))
 
 
-def member_coords(member):
-    """member -> (pair, int32 sign): +1 for even members, -1 for odd."""
-    member = jnp.asarray(member, jnp.int32)
-    return member // 2, 1 - 2 * (member % 2)
-
-
 def member_noise(plan: nz.NoisePlan, key, table, generation, member, sigma_shift: int,
                  vector_sigma_shift: int | None = None):
     """Integer noise handles (pytree shaped like params) for one member, from the one bucketed
     noise function (`noise.member_directions`). Vectors use vector_sigma_shift (default:
     sigma_shift)."""
     vshift = int(sigma_shift if vector_sigma_shift is None else vector_sigma_shift)
-    pair, sign = member_coords(member)
+    pair, sign = nz.member_coords(plan, member, jnp.int32)
     zs = nz.member_directions(plan, key, table, nz.epoch_of(plan, jnp.asarray(generation, jnp.int32)), pair)
     out = []
     for leaf, z in zip(plan.leaves, zs):

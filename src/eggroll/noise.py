@@ -213,12 +213,13 @@ def epoch_of(plan: NoisePlan, generation):
     return generation // plan.noise_reuse if plan.noise_reuse > 0 else jnp.zeros_like(generation)
 
 
-def member_coords(plan: NoisePlan, member):
-    """member -> (pair index, antithetic sign)."""
+def member_coords(plan: NoisePlan, member, dtype=jnp.float32):
+    """member -> (pair index, antithetic sign as `dtype`: float32 for float noise, int32 for
+    integer EGGROLL)."""
     member = jnp.asarray(member, jnp.int32)
     if plan.antithetic:
-        return member // 2, (1 - 2 * (member % 2)).astype(jnp.float32)
-    return member, jnp.float32(1.0)
+        return member // 2, (1 - 2 * (member % 2)).astype(dtype)
+    return member, jnp.asarray(1, dtype)
 
 
 def direction_noise(plan: NoisePlan, table, lkey, epoch, pair, leaf: LeafPlan):

@@ -49,6 +49,7 @@ import optax
 from jax import lax
 
 from ..models.mlp import init_mlp, mlp
+from ..noise import largest_divisor_at_most
 from ..population import evaluate_population
 from ..strategy import eggroll, open_es
 
@@ -169,7 +170,7 @@ def _divisor_chunk(n: int, chunk: int):
     """`chunk` lowered to a divisor of n (None = all members at once)."""
     if not chunk or chunk >= n:
         return None
-    return next(c for c in range(chunk, 0, -1) if n % c == 0)
+    return largest_divisor_at_most(n, chunk)
 
 
 def _population_forward(es, n: int, chunk):

@@ -208,7 +208,7 @@ class Parts(NamedTuple):
 def auto_chunk(local: int, most: int = 64) -> int:
     """The largest divisor of the per-device population <= most (64 members: their activations
     stay in cache; measured fastest on a 2-core CPU, docs/RESULTS.md)."""
-    return max(c for c in range(1, min(local, most) + 1) if local % c == 0)
+    return nz.largest_divisor_at_most(local, most)
 
 
 def level(cfg: Config, alpha: float, gen: int) -> float:
