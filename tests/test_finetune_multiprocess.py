@@ -118,3 +118,16 @@ def test_llm_grpo_data_parallel_over_two_processes(tmp_path, model):
     comm = results[0]["communication"]
     assert comm["comm_by_kind"]["all-reduce"] >= 4 * results[0]["num_params"]  # the float32 gradients
     assert comm["comm_bytes_per_process"] >= comm["update_bytes_per_device_per_optimizer_step"] + 2 * 12
+
+
+def test_countdown_mini_kill_and_resume_matches_uninterrupted(tmp_path, capsys):
+    run = tmp_path / "run"
+    procs, logs = launch([sys.executable, "-m", "eggroll.cli", *_mini(run, 100000)], 2, 2, tmp_path, "k")
+    meta = run / "eggroll-seed0" / "checkpoint" / "meta.json"
+    _wait_for(lambda: meta.exists() and json.loads(meta.read_text())["metadata"]["generation"] >= 2, procs)
+    _survivor_exits_with_message(procs, logs, 1, signal.SIGKILL)
+    total = json.loads(meta.read_text())["metadata"]["generation"] + 2
+    results = _multi(_mini(run, total, "--resume"), 2, 2, tmp_path, "r")
+    ref = _reference(_mini(tmp_path / "ref", total), capsys)
+    _assert_same_arrays(tmp_path / "ref" / "eggroll-seed0" / "checkpoint", run / "eggroll-seed0" / "checkpoint")
+    assert results[0]["eggroll_accuracy"] == ref["eggroll_accuracy"]
