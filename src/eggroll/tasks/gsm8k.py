@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .reasoning import Example, Task, extract_tagged
+from .task import Example, Task, extract_tagged
 
 
 GSM8K_TEMPLATE = ("{question}\nSolve the problem step by step, then give the final numeric answer "
