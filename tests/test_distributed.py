@@ -244,6 +244,16 @@ def _wait_for(pred, procs, timeout=240):
         time.sleep(0.2)
 
 
+def kill_one_after_checkpoint(cmd, meta, logdir, tag, at_least: int = 2) -> int:
+    """Run cmd on 2 processes x 2 devices, SIGKILL process 1 once the checkpoint whose meta.json
+    is `meta` reached generation `at_least`, check that the survivor stops with the peer-lost
+    message, and return the checkpointed generation (what --resume continues from)."""
+    procs, logs = launch(cmd, 2, 2, logdir, tag)
+    _wait_for(lambda: meta.exists() and json.loads(meta.read_text())["metadata"]["generation"] >= at_least, procs)
+    _survivor_exits_with_message(procs, logs, 1, signal.SIGKILL)
+    return json.loads(meta.read_text())["metadata"]["generation"]
+
+
 def _progress(path):
     try:
         return int(path.read_text() or 0)
@@ -330,11 +340,7 @@ def test_cartpole_processes_match_single_process(tmp_path, capsys, processes, de
 @pytest.mark.slow
 def test_cartpole_kill_and_resume_matches_uninterrupted(tmp_path, capsys):
     run = tmp_path / "run"
-    procs, logs = launch(_cartpole_cmd(run, 100000), 2, 2, tmp_path, "a")
-    meta = run / "checkpoint" / "meta.json"
-    _wait_for(lambda: meta.exists() and json.loads(meta.read_text())["metadata"]["generation"] >= 2, procs)
-    _survivor_exits_with_message(procs, logs, 1, signal.SIGKILL)
-    stopped_at = json.loads(meta.read_text())["metadata"]["generation"]
+    stopped_at = kill_one_after_checkpoint(_cartpole_cmd(run, 100000), run / "checkpoint" / "meta.json", tmp_path, "a")
     total = stopped_at + 2
     procs, logs = launch(_cartpole_cmd(run, total, "--resume"), 2, 2, tmp_path, "b")
     wait_all(procs, logs)

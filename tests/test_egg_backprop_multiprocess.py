@@ -4,13 +4,12 @@ run with the same device count at 2 processes x 2 devices and 2 x 1, and a kille
 followed by --resume equals an uninterrupted run."""
 
 import json
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from test_distributed import _survivor_exits_with_message, _wait_for, launch, proc_env, wait_all
+from test_distributed import kill_one_after_checkpoint, launch, proc_env, wait_all
 from test_recipes_multiprocess import TEXT, _assert_same_state, _last_json, _reference
 
 pytestmark = pytest.mark.slow
@@ -68,12 +67,8 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, capsys, corpus):
     total = 400  # the cosine schedule spans `generations`: the resume and the reference use the same budget
     slow = dict(eval_every=1000, checkpoint_every=5)
     run = tmp_path / "run"
-    procs, logs = launch([sys.executable, "-m", "eggroll.cli", *_backprop(run, total, corpus, **slow)], 2, 2,
-                         tmp_path, "a")
-    meta = run / "checkpoint" / "meta.json"
-    _wait_for(lambda: meta.exists() and json.loads(meta.read_text())["metadata"]["generation"] >= 5, procs)
-    _survivor_exits_with_message(procs, logs, 1, signal.SIGKILL)
-    stopped_at = json.loads(meta.read_text())["metadata"]["generation"]
+    stopped_at = kill_one_after_checkpoint([sys.executable, "-m", "eggroll.cli", *_backprop(run, total, corpus, **slow)],
+                                           run / "checkpoint" / "meta.json", tmp_path, "a", at_least=5)
     assert 5 <= stopped_at < total
     procs, logs = launch([sys.executable, "-m", "eggroll.cli", *_backprop(run, total, corpus, "--resume", **slow)],
                          2, 2, tmp_path, "b")

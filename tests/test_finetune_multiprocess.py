@@ -6,14 +6,13 @@ one-process run at 2 processes x 1 device and 2 x 2 (the reference runs in this 
 runs data parallel over 2 processes."""
 
 import json
-import signal
 import sys
 
 import pytest
 from safetensors.numpy import load_file
 
 from eggroll import cli
-from test_distributed import _survivor_exits_with_message, _wait_for, launch, wait_all
+from test_distributed import kill_one_after_checkpoint, launch, wait_all
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("tokenizers")
@@ -95,11 +94,8 @@ def test_countdown_mini_eggroll_processes_match_single_process(tmp_path, capsys,
 
 def test_llm_kill_and_resume_matches_uninterrupted(tmp_path, capsys, model):
     run = tmp_path / "run"
-    procs, logs = launch([sys.executable, "-m", "eggroll.cli", *_llm(run, 100000, model)], 2, 2, tmp_path, "a")
-    meta = run / "checkpoint" / "meta.json"
-    _wait_for(lambda: meta.exists() and json.loads(meta.read_text())["metadata"]["generation"] >= 2, procs)
-    _survivor_exits_with_message(procs, logs, 1, signal.SIGKILL)
-    stopped_at = json.loads(meta.read_text())["metadata"]["generation"]
+    stopped_at = kill_one_after_checkpoint([sys.executable, "-m", "eggroll.cli", *_llm(run, 100000, model)],
+                                           run / "checkpoint" / "meta.json", tmp_path, "a")
     total = stopped_at + 2
     results = _multi(_llm(run, total, model, "--resume"), 2, 2, tmp_path, "b")
     ref = _reference(_llm(tmp_path / "ref", total, model), capsys)
@@ -122,11 +118,8 @@ def test_llm_grpo_data_parallel_over_two_processes(tmp_path, model):
 
 def test_countdown_mini_kill_and_resume_matches_uninterrupted(tmp_path, capsys):
     run = tmp_path / "run"
-    procs, logs = launch([sys.executable, "-m", "eggroll.cli", *_mini(run, 100000)], 2, 2, tmp_path, "k")
-    meta = run / "eggroll-seed0" / "checkpoint" / "meta.json"
-    _wait_for(lambda: meta.exists() and json.loads(meta.read_text())["metadata"]["generation"] >= 2, procs)
-    _survivor_exits_with_message(procs, logs, 1, signal.SIGKILL)
-    total = json.loads(meta.read_text())["metadata"]["generation"] + 2
+    total = kill_one_after_checkpoint([sys.executable, "-m", "eggroll.cli", *_mini(run, 100000)],
+                                      run / "eggroll-seed0" / "checkpoint" / "meta.json", tmp_path, "k") + 2
     results = _multi(_mini(run, total, "--resume"), 2, 2, tmp_path, "r")
     ref = _reference(_mini(tmp_path / "ref", total), capsys)
     _assert_same_arrays(tmp_path / "ref" / "eggroll-seed0" / "checkpoint", run / "eggroll-seed0" / "checkpoint")

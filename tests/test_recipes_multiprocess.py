@@ -3,14 +3,13 @@ bitwise equal to a one-process run at 2 processes x 1 device and 2 x 2, a killed
 the other with a clear message, and --resume continues exactly. (CartPole: test_distributed.py.)"""
 
 import json
-import signal
 import sys
 
 import pytest
 from safetensors.numpy import load_file
 
 from eggroll import cli
-from test_distributed import _survivor_exits_with_message, _wait_for, launch, wait_all
+from test_distributed import kill_one_after_checkpoint, launch, wait_all
 
 pytestmark = pytest.mark.slow
 
@@ -69,11 +68,8 @@ def test_egg_processes_match_single_process(tmp_path, capsys, corpus, processes,
 
 def test_egg_kill_and_resume_matches_uninterrupted(tmp_path, capsys, corpus):
     run = tmp_path / "run"
-    procs, logs = launch([sys.executable, "-m", "eggroll.cli", *_egg(run, 100000, corpus)], 2, 2, tmp_path, "a")
-    meta = run / "checkpoint" / "meta.json"
-    _wait_for(lambda: meta.exists() and json.loads(meta.read_text())["metadata"]["generation"] >= 2, procs)
-    _survivor_exits_with_message(procs, logs, 1, signal.SIGKILL)
-    stopped_at = json.loads(meta.read_text())["metadata"]["generation"]
+    stopped_at = kill_one_after_checkpoint([sys.executable, "-m", "eggroll.cli", *_egg(run, 100000, corpus)],
+                                           run / "checkpoint" / "meta.json", tmp_path, "a")
     total = stopped_at + 2
     procs, logs = launch([sys.executable, "-m", "eggroll.cli", *_egg(run, total, corpus, "--resume")], 2, 2,
                          tmp_path, "b")

@@ -8,7 +8,6 @@ independent); PPO, data parallel (its minibatches are drawn per device), at 2 x 
 in-process 1 x 4 run and at 2 x 1 against a 1-process x 2-device subprocess."""
 
 import json
-import signal
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from eggroll import cli
-from test_distributed import _survivor_exits_with_message, _wait_for, launch, proc_env, wait_all
+from test_distributed import kill_one_after_checkpoint, launch, proc_env, wait_all
 
 pytestmark = pytest.mark.slow
 
@@ -88,11 +87,8 @@ def test_ppo_two_processes_match_one_process_of_two_devices(tmp_path):
 def test_kill_and_resume_matches_uninterrupted(tmp_path, capsys, method):
     run = tmp_path / "run"
     first = _rl(run, method, "--budget-steps", "1000000000", "--generations", "100000", "--checkpoint-every", "2")
-    procs, logs = launch([sys.executable, "-m", "eggroll.cli", *first], 2, 2, tmp_path, "a")
-    meta = run / "seed0" / "checkpoint" / "meta.json"
-    _wait_for(lambda: meta.exists() and json.loads(meta.read_text())["metadata"]["generation"] >= 2, procs)
-    _survivor_exits_with_message(procs, logs, 1, signal.SIGKILL)
-    total = json.loads(meta.read_text())["metadata"]["generation"] + 3
+    total = kill_one_after_checkpoint([sys.executable, "-m", "eggroll.cli", *first], run / "seed0" / "checkpoint" / "meta.json",
+                                      tmp_path, "a") + 3
     again = _rl(run, method, "--budget-steps", "1000000000", "--generations", str(total), "--checkpoint-every", "2",
                 "--resume")
     procs, logs = launch([sys.executable, "-m", "eggroll.cli", *again], 2, 2, tmp_path, "b")
