@@ -10,6 +10,7 @@ import pytest
 
 from eggroll import cli, distributed
 from eggroll.baselines import backprop as bp
+from eggroll.population import device_sum
 from eggroll.checkpoint import load_checkpoint
 from eggroll.recipes import egg_backprop as eb
 from eggroll.runlog import read_metrics
@@ -160,7 +161,7 @@ def test_device_sum_is_one_fixed_order():
     x = np.float32([1e8, 1.0, -1e8, 3.0, 0.5, 7.0]).reshape(-1, 1) * np.float32([1, 1e-3])
     for n, want in ((4, (x[0] + x[1]) + (x[2] + x[3])), (3, (x[0] + x[1]) + x[2])):
         mesh = Mesh(np.asarray(jax.devices()[:n]), ("d",))
-        f = jax.jit(jax.shard_map(lambda a: bp.device_sum(a[0], "d", n)[None], mesh=mesh, in_specs=P("d"),
+        f = jax.jit(jax.shard_map(lambda a: device_sum(a[0], "d", n)[None], mesh=mesh, in_specs=P("d"),
                                   out_specs=P("d"), check_vma=False))
         got = np.asarray(f(x[:n]))
         assert (got == want[None]).all(), (n, got, want)

@@ -16,6 +16,7 @@ that mesh (eggroll.distributed.replicate). With one process jax.devices() is the
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable, Sequence
 
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, PartitionSpec as P
 
 try:  # jax >= 0.7
@@ -40,6 +42,25 @@ def shard_map_unchecked(fn: Callable, *, mesh: Mesh, in_specs, out_specs):
     """jax's shard_map without re-proving replication of the outputs (the callers' collectives
     make them replicated by construction); one spelling for every jax version."""
     return _shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **_NO_CHECK)
+
+
+def device_sum(tree, axis: str, n: int):
+    """The sum over the n devices of mesh axis `axis` (inside shard_map), in an order fixed by
+    the device indices alone, so the bits do not depend on how the devices are spread over
+    processes (XLA's psum adds in an order that does: in-process vs gloo differ in the last bit).
+
+    n a power of 2: recursive doubling, log2(n) exchanges; in round k device i adds its value and
+    that of device i xor 2^k (x_i + x_j == x_j + x_i exactly, so partners agree): one fixed tree,
+    ((x0 + x1) + (x2 + x3)) + ... Otherwise: all-gather, then x0 + x1 + ... in index order."""
+    flat, unravel = ravel_pytree(tree)  # one message per exchange, not one per leaf
+    if n & (n - 1) == 0:
+        k = 1
+        while k < n:
+            flat = flat + lax.ppermute(flat, axis, [(i, i ^ k) for i in range(n)])
+            k *= 2
+        return unravel(flat)
+    g = lax.all_gather(flat, axis)  # [n, size]
+    return unravel(functools.reduce(lambda total, i: total + g[i], range(1, n), g[0]))
 
 
 def population_mesh(devices: Sequence | None = None) -> Mesh:

@@ -28,7 +28,7 @@ whole [B, T] window are one matmul each, only the recurrence h -> h' is a lax.sc
 Data parallel (make_train_step with a mesh): the batch axis B of the window and of the hidden
 state is split over the mesh's devices inside the step (shard_map); each device back-propagates
 through its own streams, then the gradients and the loss are summed over the devices in a
-fixed order (device_sum: the same bits for any process layout); the new hidden state
+fixed order (population.device_sum: the same bits for any process layout); the new hidden state
 comes back replicated (all-gathered), like every other output, so a checkpoint can read it on
 any process. The evaluations here are replicated: every
 device reads every stream (the caller places the arrays with `place`).
@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+
+from ..population import device_sum
 
 VOCAB = 256
 EPS = 1e-6
@@ -184,27 +186,6 @@ def data_parallel_grads(mesh, mlp_activation: str = "none"):
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(None, axis), P(axis)),
                          out_specs=((P(), P(None, axis)), P()), check_vma=False)
-
-
-def device_sum(tree, axis: str, n: int):
-    """The sum over the n devices of mesh axis `axis` (inside shard_map), in an order fixed by
-    the device indices alone, so the bits do not depend on how the devices are spread over
-    processes (XLA's psum adds in an order that does: in-process vs gloo differ in the last bit).
-
-    n a power of 2: recursive doubling, log2(n) exchanges; in round k device i adds its value and
-    that of device i xor 2^k (x_i + x_j == x_j + x_i exactly, so partners agree): one fixed tree,
-    ((x0 + x1) + (x2 + x3)) + ... Otherwise: all-gather, then x0 + x1 + ... in index order."""
-    from jax.flatten_util import ravel_pytree
-
-    flat, unravel = ravel_pytree(tree)  # one message per exchange, not one per leaf
-    if n & (n - 1) == 0:
-        k = 1
-        while k < n:
-            flat = flat + lax.ppermute(flat, axis, [(i, i ^ k) for i in range(n)])
-            k *= 2
-        return unravel(flat)
-    g = lax.all_gather(flat, axis)  # [n, size]
-    return unravel(functools.reduce(lambda total, i: total + g[i], range(1, n), g[0]))
 
 
 def eval_layout(n: int, n_streams: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:

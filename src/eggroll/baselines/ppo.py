@@ -17,8 +17,8 @@ Data parallel over every device of every process (`population_mesh`, D devices):
 steps num_envs / D of the environments (its rows of the replicated state; the random numbers are
 drawn for all environments and sliced: the same parameters give the same rollout for any D),
 computes GAE on them and draws its own minibatches from its samples; a minibatch's gradient, its
-loss terms and advantage statistics are sums of the devices' shares, taken by an all-gather
-added in device order (grad_reduce "gather": the same bits for any split of the devices over
+loss terms and advantage statistics are sums of the devices' shares, taken in one fixed order
+(grad_reduce "gather": population.device_sum, the same bits for any split of the devices over
 processes) or by XLA's all-reduce ("psum"). The environments' states are all-gathered once per
 update so the state stays replicated (what the checkpoint needs). One device: no collective, the
 single-device algorithm. `update_communication` measures the bytes of one update, loops counted
@@ -44,13 +44,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
-from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec as P
 
 from .. import distributed
 from ..distributed.comm import collective_bytes, hlo_communication
 from ..models.mlp import init_mlp, mlp
-from ..population import _NO_CHECK, AXIS, _shard_map, population_mesh
+from ..population import AXIS, device_sum, population_mesh, shard_map_unchecked
 from ..tasks import rl as rlt
 
 
@@ -124,16 +123,15 @@ class _Setup(NamedTuple):
 
 def _reductions(c: _Setup):
     """(sum over the devices of a pytree, this device's share of a mean over every device's
-    samples). One device: (identity, jnp.mean). 'gather' all-gathers the partial sums and adds
-    them in device order (the same bits for any process layout); 'psum' is XLA's all-reduce."""
+    samples). One device: (identity, jnp.mean). 'gather' is population.device_sum (one fixed
+    order of addition, the same bits for any process layout); 'psum' is XLA's all-reduce."""
     if c.devices == 1:
         return (lambda tree: tree), jnp.mean
 
     def gsum(tree):
         if c.hp["grad_reduce"] == "psum":
             return lax.psum(tree, AXIS)
-        flat, unravel = ravel_pytree(tree)  # one collective for the whole tree
-        return unravel(lax.all_gather(flat, AXIS).sum(0))
+        return device_sum(tree, AXIS, c.devices)
 
     return gsum, lambda x: x.sum() / (x.size * c.devices)
 
@@ -258,8 +256,8 @@ def make_ppo_trainer(env: rlt.Env, hp: dict, eval_episodes: int, mesh=None) -> r
     else:
         envs = P(AXIS)  # the environment axis is split over the devices (inputs replicated: a local slice)
         specs = PPOState(P(), P(), envs, envs, envs, envs, P())
-        update = _shard_map(lambda s: _update(c, s, lax.axis_index(AXIS)), mesh=mesh, in_specs=(specs,),
-                            out_specs=(P(), P()), **_NO_CHECK)
+        update = shard_map_unchecked(lambda s: _update(c, s, lax.axis_index(AXIS)), mesh=mesh, in_specs=(specs,),
+                                     out_specs=(P(), P()))
     place = distributed.replicate
     init_jit, update_jit = jax.jit(lambda seed: _init(c, seed)), jax.jit(update)
     eval_jit = jax.jit(lambda p, k: rlt.evaluate_policy(env, p, k, eval_episodes, hp["activation"]))
