@@ -118,6 +118,17 @@ def mismatch(cfg, saved: dict, fields, canonical=None) -> list[str]:
             if k not in saved or same(k, saved[k]) != same(k, now[k])]
 
 
+def checked_metadata(cfg, directory: Path, fields, canonical=None) -> dict:
+    """The checkpoint's metadata, after refusing (one-line ValueError) a config that differs from
+    the saved one in a field that changes training."""
+    meta = ckpt.read_metadata(directory)
+    bad = mismatch(cfg, meta.get("config", {}), fields, canonical)
+    if bad:
+        raise ValueError(f"cannot resume {directory}: the config differs in fields that change training "
+                         f"({'; '.join(bad)}); use the original values or a new run_dir")
+    return meta
+
+
 def restore(cfg: RunConfig, train: Train, directory: Path, state):
     """(state, metadata) from the run's checkpoint when resuming, else (state, {})."""
     exists = distributed.checkpoint_exists(directory)  # the same answer on every process
@@ -129,10 +140,7 @@ def restore(cfg: RunConfig, train: Train, directory: Path, state):
     if not exists:
         distributed.say(f"[{train.name}] --resume: no checkpoint in {directory}, starting from scratch")
         return state, {}
-    bad = mismatch(cfg, ckpt.read_metadata(directory).get("config", {}), train.trajectory, train.canonical)
-    if bad:
-        raise ValueError(f"cannot resume {directory}: the config differs in fields that change training "
-                         f"({'; '.join(bad)}); use the original values or a new run_dir")
+    checked_metadata(cfg, directory, train.trajectory, train.canonical)
     return distributed.load_checkpoint(directory, state)
 
 
@@ -182,6 +190,7 @@ class _Loop:
         self.eval_s = float(meta.get("eval_s", 0.0))  # wall clock spent evaluating (train_s excludes it)
         self.saved_gen, self.gen, self.stopped = None, 0, "budget"
         self.record = meta.get("record", {})  # the last generation's record (for `stop`)
+        self.budget_hit = False  # set once per generation by check_budget
 
     def evaluate(self) -> dict:
         t = time.perf_counter()
@@ -198,9 +207,6 @@ class _Loop:
         hit = bool(self.train.stop and self.gen > 0 and self.train.stop({**self.record, **self.totals,
                                                                          "train_s": self.train_s()}))
         self.budget_hit = _agree(hit) if self.train.stop else False
-
-    def over_budget(self) -> bool:
-        return self.budget_hit
 
     def time_up(self) -> bool:
         """The time limit, agreed by every process (their wall clocks differ)."""
@@ -227,7 +233,7 @@ class _Loop:
         rec.update({k: v for k, v in self.comm.items() if k in ("comm_bytes_per_process", "comm_bytes_sent_per_process")})
         self.record = rec
         self.check_budget()
-        if self.gen % cfg.eval_every == 0 or self.gen == cfg.generations or self.over_budget():
+        if self.gen % cfg.eval_every == 0 or self.gen == cfg.generations or self.budget_hit:
             rec.update(self.evaluate())
         rec["train_s"] = self.train_s()
         self.log.log(self.gen, rec)
@@ -239,13 +245,13 @@ class _Loop:
             log.log(0, {**self.evaluate(), **self.totals})
         last_plot = time.perf_counter()
         self.check_budget()  # a resumed run may already be past its budget
-        while self.gen < cfg.generations and not self.done() and not self.over_budget():
+        while self.gen < cfg.generations and not self.done() and not self.budget_hit:
             if self.time_up():
                 log.print(f"[{self.train.name}] time limit {cfg.time_limit} s reached at generation {self.gen}")
                 self.stopped = "time_limit"
                 break
             self.one_generation()
-            last = self.done() or self.over_budget() or self.gen == cfg.generations
+            last = self.done() or self.budget_hit or self.gen == cfg.generations
             if last or (cfg.checkpoint_every and self.gen % cfg.checkpoint_every == 0):
                 self.checkpoint()
                 if time.perf_counter() - last_plot > PLOT_EVERY_S:

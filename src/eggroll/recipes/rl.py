@@ -51,7 +51,6 @@ import jax
 import numpy as np
 import optax
 
-from .. import checkpoint as ckpt
 from .. import distributed, harness
 from ..config import OPTIMIZERS, flag
 from ..models.mlp import ACTIVATIONS, init_mlp
@@ -286,12 +285,8 @@ def finished(cfg: Config) -> dict | None:
     directory = Path(cfg.run_dir) / "checkpoint"
     if not cfg.resume or not distributed.checkpoint_exists(directory):
         return None
-    meta = ckpt.read_metadata(directory)
-    bad = harness.mismatch(cfg, meta.get("config", {}), PPO_TRAJECTORY if cfg.strategy == "ppo" else ES_TRAJECTORY,
-                           canonical(cfg))
-    if bad:
-        raise ValueError(f"cannot resume {cfg.run_dir}: the config differs in fields that change training "
-                         f"({'; '.join(bad)}); use the original values or a new run_dir")
+    meta = harness.checked_metadata(cfg, directory, PPO_TRAJECTORY if cfg.strategy == "ppo" else ES_TRAJECTORY,
+                                    canonical(cfg))
     try:
         result = json.loads((Path(cfg.run_dir) / "result.json").read_text())
         done = meta.get("generation") == result["generations"] and (
