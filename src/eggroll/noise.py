@@ -35,6 +35,8 @@ which yields exactly `draw`'s values. `NoiseContext` holds what is constant for 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import math
 from typing import Any, Callable, NamedTuple
@@ -315,6 +317,20 @@ def member_directions(plan: NoisePlan, key, table, epoch, pair) -> list:
     return out
 
 
+def run_directions(plan: NoisePlan, key, table, epoch, first_pair, count: int) -> list:
+    """Noise of the `count` consecutive directions first_pair, first_pair + 1, ... for every leaf
+    (plan.leaves order, None for frozen), stacked on a leading axis: `member_directions` of each
+    of those pairs, drawn together (one vectorised draw per bucket)."""
+    pairs = first_pair + jnp.arange(count, dtype=jnp.int32)
+    out: list = [None] * len(plan.leaves)
+    for idx in leaf_buckets(plan):
+        leaf = plan.leaves[idx[0]]
+        z = _bucket_noise(plan, table, leaf_keys(key, [plan.leaves[i] for i in idx]), epoch, pairs, leaf)
+        for j, i in enumerate(idx):
+            out[i] = jax.tree_util.tree_map(lambda x, j=j: x[j], z)
+    return out
+
+
 def direction_sums(plan: NoisePlan, key, table, epoch, weights, *, lowrank_sum, full_sum, acc_dtype,
                    max_elements: int, chunk: int | None = None) -> list:
     """sum_p weights[p] * noise_p per perturbed leaf (plan.leaves order; None for frozen), over
@@ -352,10 +368,14 @@ def direction_sums(plan: NoisePlan, key, table, epoch, weights, *, lowrank_sum, 
     return out
 
 
-def member_noise(plan: NoisePlan, key, table, generation, sigma, member):
-    """Float noise handles (a pytree shaped like params) for one population member."""
+def _one_member_noise(plan: NoisePlan, key, table, generation, sigma, member):
+    """Float noise handles for one member: the per-member reference path (one slice per leaf)."""
     pair, sign = member_coords(plan, member)
-    zs = member_directions(plan, key, table, epoch_of(plan, generation), pair)
+    return _handles(plan, member_directions(plan, key, table, epoch_of(plan, generation), pair), sign, sigma)
+
+
+def _handles(plan: NoisePlan, zs, sign, sigma):
+    """Per-leaf draws + antithetic sign(s) -> the float noise handles pytree."""
     out = []
     for leaf, z in zip(plan.leaves, zs):
         if leaf.kind == FROZEN:
@@ -365,6 +385,98 @@ def member_noise(plan: NoisePlan, key, table, generation, sigma, member):
         else:
             out.append(Full(z, sign * sigma))
     return jax.tree_util.tree_unflatten(plan.treedef, out)
+
+
+def _run_member_noise(plan: NoisePlan, key, table, generation, sigma, run: "MemberRun"):
+    """`_one_member_noise` of every member of a run, stacked on axis 0, with each antithetic
+    pair's threefry draw made once for its two members (half the random-number work). None
+    (vmap the per-member path) for the table source, whose per-member slices measured faster on
+    CPU than pair draws repeated for both members, or than contiguous reads of the run's slices."""
+    if plan.source != "threefry":
+        return None
+    zs, members = run_pair_directions(plan, key, table, epoch_of(plan, generation), run)
+    if zs is None:
+        return None
+    _, sign = member_coords(plan, members)
+    return _handles(plan, zs, jnp.broadcast_to(sign, members.shape), sigma)
+
+
+def run_pair_directions(plan: NoisePlan, key, table, epoch, run: "MemberRun"):
+    """(per-leaf draws of each member of `run`, stacked on axis 0; the members' indices): each
+    antithetic pair's draw is made once and repeated for its two members. (None, None) for an
+    odd run with antithetic pairs."""
+    members = run.start + jnp.arange(run.count, dtype=jnp.int32)
+    if not plan.antithetic:
+        return run_directions(plan, key, table, epoch, run.start, run.count), members
+    if run.count % 2:
+        return None, None
+    zs = run_directions(plan, key, table, epoch, run.start // 2, run.count // 2)
+    return jax.tree_util.tree_map(lambda z: jnp.repeat(z, 2, axis=0), zs), members
+
+
+@functools.lru_cache(maxsize=None)
+def _member_noise_fn(plan: NoisePlan):
+    return over_member_runs(functools.partial(_one_member_noise, plan), functools.partial(_run_member_noise, plan))
+
+
+def member_noise(plan: NoisePlan, key, table, generation, sigma, member):
+    """Float noise handles (a pytree shaped like params) for one population member.
+
+    Vmapped over one of `evaluate_population`'s chunks (a run of members), the run's noise is
+    drawn at once where that is faster (`_run_member_noise`): the same values either way."""
+    return _member_noise_fn(plan)(key, table, jnp.asarray(generation, jnp.int32),
+                                  jnp.asarray(sigma, jnp.float32), jnp.asarray(member, jnp.int32))
+
+
+# -- runs of consecutive members: the population-level path ----------------------------------------
+class MemberRun(NamedTuple):
+    """Members start, start + 1, ..., start + count - 1, with start a multiple of count (so a run
+    of even length holds whole antithetic pairs): what `evaluate_population` declares about each
+    chunk it vmaps over."""
+
+    start: jax.Array
+    count: int
+
+
+_RUNS: list = []  # the member arrays declared runs while evaluate_population traces a chunk
+
+
+@contextlib.contextmanager
+def consecutive_members(members):
+    """While tracing under this, `members` (1-D: start, start + 1, ...; start a multiple of its
+    length) is a run: a function made by `over_member_runs` and vmapped over exactly this array
+    computes the run at once. Only the code that built `members` can promise this."""
+    _RUNS.append(members)
+    try:
+        yield
+    finally:
+        _RUNS.pop()
+
+
+def member_run(members) -> MemberRun | None:
+    """The declared run that `members` is (by identity, not value), or None."""
+    if any(m is members for m in _RUNS):
+        return MemberRun(members[0], int(members.shape[0]))
+    return None
+
+
+def over_member_runs(per_member: Callable, per_run: Callable) -> Callable:
+    """per_member(*args, member) for one member, whose vmap over a declared run of members (and
+    over nothing else) is per_run(*args, run): the same values (callers test it), computed for the
+    whole run at once. Any other vmap, or per_run returning None, vmaps per_member."""
+    f = jax.custom_batching.custom_vmap(per_member)
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, *args):
+        others = jax.tree_util.tree_leaves(in_batched[:-1])
+        run = member_run(args[-1]) if in_batched[-1] is True and not any(others) else None
+        out = None if run is None else per_run(*args[:-1], run)
+        if out is None:
+            axes = tuple(jax.tree_util.tree_map(lambda b: 0 if b else None, ib) for ib in in_batched)
+            out = jax.vmap(per_member, in_axes=axes)(*args)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return f
 
 
 def materialize(noise_tree):

@@ -27,6 +27,8 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, PartitionSpec as P
 
+from .noise import consecutive_members
+
 try:  # jax >= 0.7
     from jax import shard_map as _shard_map
 except ImportError:  # pragma: no cover - jax 0.6
@@ -71,10 +73,16 @@ def population_mesh(devices: Sequence | None = None) -> Mesh:
 
 
 def _map_chunks(fitness_fn, members, chunk):
+    """vmap over each chunk of consecutive members, lax.map over the chunks. Each chunk is declared
+    a run (noise.consecutive_members), so es.noise may draw the chunk's noise at once."""
+    def run(ms):
+        with consecutive_members(ms):
+            return jax.vmap(fitness_fn)(ms)
+
     n = members.shape[0]
     if chunk is None or chunk >= n:
-        return jax.vmap(fitness_fn)(members)
-    out = lax.map(jax.vmap(fitness_fn), members.reshape(n // chunk, chunk))
+        return run(members)
+    out = lax.map(run, members.reshape(n // chunk, chunk))
     return jax.tree_util.tree_map(lambda x: x.reshape(n, *x.shape[2:]), out)
 
 
