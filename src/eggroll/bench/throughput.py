@@ -32,6 +32,10 @@ work goes through `evaluate_population` on one device (chunked for T inputs and 
 returns the ES state; the noise context (table) is a separate, never-returned argument.
 
     eggroll bench throughput --width 1024 --population 256
+    eggroll bench throughput --grid      # widths x populations x ranks x dtypes (throughput_grid.py)
+
+`--tokens 0` leaves out the T-input timing (step_over_inference_t100). `peak_rss_mib` is this
+process's peak resident memory.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import resource
 import statistics
 import time
 from typing import Any, Callable
@@ -92,6 +97,19 @@ class Config:
     openes_threefry: bool = dataclasses.field(default=False, metadata={
         "help": "also compare both strategies with noise_source='threefry' (slow: ~10 s per OpenES call)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "random seed"})
+    grid: bool = dataclasses.field(default=False, metadata={
+        "help": "run the grid of points below (one process and one JSON line each) instead of one point"})
+    grid_widths: str = dataclasses.field(default="256,1024,4096", metadata={"help": "grid: widths"})
+    grid_populations: str = dataclasses.field(default="256,4096,32768", metadata={"help": "grid: populations"})
+    grid_ranks: str = dataclasses.field(default="1,4", metadata={"help": "grid: ranks"})
+    grid_dtypes: str = dataclasses.field(default="float32,bfloat16", metadata={"help": "grid: dtypes"})
+    grid_chunk_mib: int = dataclasses.field(default=32, metadata={"help": "grid: noise per member chunk (MiB)"})
+    grid_mem_gib: float = dataclasses.field(default=8.0, metadata={"help": "grid: skip points estimated above this"})
+    grid_max_gflop: float = dataclasses.field(default=250.0, metadata={
+        "help": "grid: skip a point (or its T-input part) whose one call does more matmul GFLOP than this"})
+    grid_timeout: int = dataclasses.field(default=1800, metadata={"help": "grid: seconds per point"})
+    grid_out: str = dataclasses.field(default="throughput_grid.jsonl", metadata={
+        "help": "grid: JSON-lines file of the records (points already in it are not rerun)"})
 
 
 def _block(tree):
@@ -226,23 +244,18 @@ def _ratios(timings: dict):
     s = {k: v["samples"] for k, v in timings.items()}
     # the faster plain-inference variant is the baseline
     base_nt = min(("inference_nt", "inference_nt_chunked"), key=lambda k: ms.get(k, float("inf")))
-    median_ratios = {
-        "forward_over_inference": ms["inference_n"] / ms["population_forward"],
-        "update_over_inference": ms["update"] / ms["inference_n"],
-        "step_over_inference_t100": ms[base_nt] / ms["generation_t"],
-    }
-    paired = {
-        "forward_over_inference": _paired(s["inference_n"], s["population_forward"]),
-        "update_over_inference": _paired(s["update"], s["inference_n"]),
-        "step_over_inference_t100": _paired(s[base_nt], s["generation_t"]),
-    }
     lo = {k: v["quantiles_ms"][0] for k, v in timings.items()}  # 10th percentiles
-    p10_ratios = {
-        "forward_over_inference": lo["inference_n"] / lo["population_forward"],
-        "update_over_inference": lo["update"] / lo["inference_n"],
-        "step_over_inference_t100": min(lo["inference_nt"], lo.get("inference_nt_chunked", float("inf")))
-        / lo["generation_t"],
-    }
+    median_ratios = {"forward_over_inference": ms["inference_n"] / ms["population_forward"],
+                     "update_over_inference": ms["update"] / ms["inference_n"]}
+    paired = {"forward_over_inference": _paired(s["inference_n"], s["population_forward"]),
+              "update_over_inference": _paired(s["update"], s["inference_n"])}
+    p10_ratios = {"forward_over_inference": lo["inference_n"] / lo["population_forward"],
+                  "update_over_inference": lo["update"] / lo["inference_n"]}
+    if "generation_t" in ms:  # the T-input part ran
+        median_ratios["step_over_inference_t100"] = ms[base_nt] / ms["generation_t"]
+        paired["step_over_inference_t100"] = _paired(s[base_nt], s["generation_t"])
+        p10_ratios["step_over_inference_t100"] = (min(lo["inference_nt"], lo.get("inference_nt_chunked", float("inf")))
+                                                  / lo["generation_t"])
     # Headline: ratios of the fast (10th-percentile) calls. On a shared CPU the medians of the
     # plain-inference baseline are inflated by slow GEMM calls, which flatters EGGROLL; the p10
     # ratios are the conservative, repeatable figure. Medians are reported beside them.
@@ -300,10 +313,15 @@ def _describe(result, cfg, timings, ms, paired, median_ratios, notes) -> dict:
     result["device"] = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
     result["n_devices"] = jax.device_count()
     result["host"] = {"machine": platform.machine(), "cpus": _cpu_count()}
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
 
 
 def run(cfg: Config) -> dict:
+    if cfg.grid:
+        from .throughput_grid import run_grid
+
+        return run_grid(cfg)
     if cfg.population < 2 or (cfg.antithetic and cfg.population % 2):
         raise ValueError(f"population must be >= 2 (and even with antithetic pairs), got {cfg.population}")
     dtype = jnp.dtype(cfg.dtype)
@@ -312,7 +330,7 @@ def run(cfg: Config) -> dict:
     k_par, k_x, k_xt, k_f, k_es = jax.random.split(key, 5)
     params = jax.tree_util.tree_map(lambda a: a.astype(dtype), init_mlp(k_par, (d,) * (cfg.layers + 1)))
     x1 = jax.random.normal(k_x, (n, d), jnp.float32).astype(dtype)  # one input per member
-    xt = jax.random.normal(k_xt, (n, t, d), jnp.float32).astype(dtype)  # T inputs per member
+    xt = jax.random.normal(k_xt, (n, t, d), jnp.float32).astype(dtype) if t > 0 else None  # T per member
     fitness = jax.random.normal(k_f, (n,), jnp.float32)
     table_size = cfg.table_size or None
 
@@ -339,12 +357,13 @@ def run(cfg: Config) -> dict:
     }, cfg.reps, cfg.warmup, inner=cfg.inner)
     fast.update(_interleaved({"generation_1": _step(gen1, _copy((params, opt_state, state)), ctx, x1)},
                              cfg.reps, cfg.warmup, inner=cfg.inner))
-    slow_units = {"inference_nt": _call(_plain_fitness(n, None), params, xt)}
-    if chunk_t is not None:
-        slow_units["inference_nt_chunked"] = _call(_plain_fitness(n, chunk_t), params, xt)
-    slow_units["generation_t"] = _step(gen_t, _copy((params, opt_state, state)), ctx, xt)
-    slow = _interleaved(slow_units, cfg.reps_t, min(cfg.warmup, 1))
-    timings = {**fast, **slow}
+    timings = dict(fast)
+    if t > 0:
+        slow_units = {"inference_nt": _call(_plain_fitness(n, None), params, xt)}
+        if chunk_t is not None:
+            slow_units["inference_nt_chunked"] = _call(_plain_fitness(n, chunk_t), params, xt)
+        slow_units["generation_t"] = _step(gen_t, _copy((params, opt_state, state)), ctx, xt)
+        timings.update(_interleaved(slow_units, cfg.reps_t, min(cfg.warmup, 1)))
     ms = {k: v["median_ms"] for k, v in timings.items()}
     p10_ratios, median_ratios, paired, base_nt = _ratios(timings)
     result: dict[str, Any] = dict(p10_ratios)
