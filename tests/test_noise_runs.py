@@ -123,3 +123,21 @@ def test_population_forward_on_four_devices_matches_per_member(key, source):
     ref = jax.jit(lambda p, c, s: jax.vmap(lambda m: mlp(p, x[m], nz._one_member_noise(
         c.plan, c.key, c.table, s.generation, jnp.float32(0.1), m)))(jnp.arange(n)))(params, ctx, state)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-6)
+
+
+def test_default_chunk_is_cache_sized_and_results_do_not_depend_on_it(key):
+    from eggroll.population import DEFAULT_CHUNK, default_chunk
+
+    assert default_chunk(512) is None and default_chunk(4096) == DEFAULT_CHUNK == 512
+    assert default_chunk(1000) == 500 and default_chunk(2 * 1021) is None  # no divisor >= 256: one batch
+    n, width = 1024, 32
+    params = init_mlp(key, (width, width, width))
+    x = jax.random.normal(key, (n, width))
+    es = eggroll.eggroll(n, 0.1, 1)
+    ctx = es.setup(key, params)
+    fwd = jax.jit(lambda p, c, s, ch: eggroll.evaluate_population(lambda m: mlp(p, x[m], es.noise(c, s, m)), n,
+                                                                  chunk=ch, devices=jax.devices()[:1]),
+                  static_argnums=3)
+    auto, whole, small = (np.asarray(fwd(params, ctx, es.init(ctx), ch)) for ch in (None, n, 256))
+    np.testing.assert_array_equal(auto, whole)
+    np.testing.assert_array_equal(small, whole)

@@ -331,13 +331,30 @@ def run_directions(plan: NoisePlan, key, table, epoch, first_pair, count: int) -
     return out
 
 
+# A chunk of the update reads about this many noise values or more (4 MiB of float32: cache-sized)
+UPDATE_CACHE_ELEMENTS = 1 << 20
+
+
+def update_chunk_size(n_dirs: int, leaves: int, size: int, shape: tuple, max_elements: int) -> int:
+    """Directions per update chunk for a bucket of `leaves` same-shaped leaves (`size` noise values
+    per direction, sums of `shape`): the largest divisor of n_dirs at most
+    max(the accumulator's size / size, UPDATE_CACHE_ELEMENTS / (leaves size)), capped by
+    max_elements / (leaves size). Each chunk then reads at least as much noise as it re-reads
+    and re-writes of the running sums, and small leaves' chunks stay about cache-sized (measured
+    on a 2-core CPU: width 256, N 4096, rank 1, 1.8x faster than 2^24-value chunks; width 4096,
+    N 256 unchanged, one chunk)."""
+    per = leaves * size
+    want = max(-(-int(np.prod(shape)) // size), UPDATE_CACHE_ELEMENTS // per)
+    return largest_divisor_at_most(n_dirs, max(1, min(want, max_elements // per)))
+
+
 def direction_sums(plan: NoisePlan, key, table, epoch, weights, *, lowrank_sum, full_sum, acc_dtype,
                    max_elements: int, chunk: int | None = None) -> list:
     """sum_p weights[p] * noise_p per perturbed leaf (plan.leaves order; None for frozen), over
     the directions p = 0..len(weights)-1, with the forward's own noise.
 
-    Per bucket of same-shaped leaves the directions are scanned in chunks (at most max_elements
-    noise values per chunk, or `chunk` directions); lowrank_sum((a, b), w) with a (L, c, d0, r),
+    Per bucket of same-shaped leaves the directions are scanned in chunks (`update_chunk_size`, at
+    most max_elements noise values per chunk, or `chunk` directions); lowrank_sum((a, b), w) with a (L, c, d0, r),
     b (L, c, d1, r) and full_sum(v, w) with v (L, c, size) return the chunk's (L, ...) sums in
     acc_dtype: one batched GEMM per bucket, no per-direction full-size matrix."""
     n_dirs = weights.shape[0]
@@ -345,7 +362,7 @@ def direction_sums(plan: NoisePlan, key, table, epoch, weights, *, lowrank_sum, 
     for idx in leaf_buckets(plan):
         leaf = plan.leaves[idx[0]]
         lkeys = leaf_keys(key, [plan.leaves[i] for i in idx])  # (L, 2)
-        c = chunk or largest_divisor_at_most(n_dirs, max(1, max_elements // (len(idx) * plan.size(leaf))))
+        c = chunk or update_chunk_size(n_dirs, len(idx), plan.size(leaf), leaf.shape, max_elements)
         if n_dirs % c:
             raise ValueError(f"update chunk {c} must divide the number of noise directions {n_dirs}")
         pairs = jnp.arange(n_dirs, dtype=jnp.int32).reshape(-1, c)

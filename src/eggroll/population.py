@@ -27,7 +27,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, PartitionSpec as P
 
-from .noise import consecutive_members
+from .noise import consecutive_members, largest_divisor_at_most
 
 try:  # jax >= 0.7
     from jax import shard_map as _shard_map
@@ -86,13 +86,33 @@ def _map_chunks(fitness_fn, members, chunk):
     return jax.tree_util.tree_map(lambda x: x.reshape(n, *x.shape[2:]), out)
 
 
+# Members per vmap chunk when none is given: a chunk's activations and noise then stay in cache
+# (measured on a 2-core CPU: 512-member chunks run the width-256 MLP forward of 4,096 members
+# 1.9x faster and the width-1024 one 1.3x faster than one 4,096-member batch).
+DEFAULT_CHUNK = 512
+_MIN_AUTO_CHUNK = 256  # smaller chunks can round differently from one batch (last bit; MLPs of width < 64)
+
+
+def default_chunk(local: int) -> int | None:
+    """The automatic chunk for `local` members on a device: the largest divisor <= DEFAULT_CHUNK,
+    or None (all at once) when local <= DEFAULT_CHUNK or no divisor is >= _MIN_AUTO_CHUNK."""
+    if local <= DEFAULT_CHUNK:
+        return None
+    c = largest_divisor_at_most(local, DEFAULT_CHUNK)
+    return c if c >= _MIN_AUTO_CHUNK else None
+
+
 def evaluate_population(fitness_fn: Callable, population: int, *, chunk: int | None = None,
                         mesh: Mesh | None = None, devices: Sequence | None = None):
     """Results of fitness_fn(member) for member = 0..population-1, stacked on axis 0.
 
-    chunk: members evaluated together by vmap on one device (None: all of that device's share);
-    must divide population / n_devices. mesh / devices: where to shard the population (default
-    every device of every process). Call it inside jit: the whole generation compiles to one program."""
+    chunk: members evaluated together by vmap on one device; must divide population / n_devices.
+    None: automatic (`default_chunk`: at most 512 members; all of a device's share when that is
+    smaller); pass the per-device population for one batch. Member results do not depend on it
+    beyond float rounding (bitwise for chunks of 256 members or more in the MLP tests; smaller
+    chunks of narrow MLPs can differ in the last bit). mesh / devices: where to shard the
+    population (default every device of every process). Call it inside jit: the whole generation
+    compiles to one program."""
     if mesh is None:
         mesh = population_mesh(devices)
     n_dev = mesh.shape[AXIS]
@@ -103,6 +123,7 @@ def evaluate_population(fitness_fn: Callable, population: int, *, chunk: int | N
     if chunk is not None and (chunk < 1 or local % chunk):
         raise ValueError(f"chunk {chunk} must divide the per-device population {local} "
                          f"(population {population} over {n_dev} devices)")
+    chunk = default_chunk(local) if chunk is None else chunk
     members = jnp.arange(population, dtype=jnp.int32)
     if n_dev == 1:
         return _map_chunks(fitness_fn, members, chunk)

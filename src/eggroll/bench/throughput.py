@@ -81,12 +81,12 @@ class Config:
                                                                      "choices": ("table", "threefry")})
     table_size: int = dataclasses.field(default=0, metadata={"help": "noise table entries (0 = library default)"})
     chunk: int = dataclasses.field(default=0, metadata={
-        "help": "members per vmap chunk in the one-input forward / generation (0 = all at once)"})
+        "help": "members per vmap chunk in the one-input forward / generation (0 = evaluate_population's automatic chunk)"})
     chunk_t: int = dataclasses.field(default=32, metadata={
-        "help": "members per vmap chunk in the T-input generation (0 = all at once; 32 suits both "
+        "help": "members per vmap chunk in the T-input generation (0 = automatic; 32 suits both "
                 "jax 0.6 and 0.10 on CPU, 16 is fastest on 0.10, 64 on 0.6)"})
     openes_chunk: int = dataclasses.field(default=32, metadata={
-        "help": "members per vmap chunk in the OpenES generation (0 = all at once)"})
+        "help": "members per vmap chunk in the OpenES generation (0 = automatic)"})
     reps: int = dataclasses.field(default=30, metadata={"help": "timed rounds for the one-input timings (median)"})
     inner: int = dataclasses.field(default=5, metadata={
         "help": "timed calls per unit and round in the one-input groups (after one untimed call)"})
@@ -103,7 +103,6 @@ class Config:
     grid_populations: str = dataclasses.field(default="256,4096,32768", metadata={"help": "grid: populations"})
     grid_ranks: str = dataclasses.field(default="1,4", metadata={"help": "grid: ranks"})
     grid_dtypes: str = dataclasses.field(default="float32,bfloat16", metadata={"help": "grid: dtypes"})
-    grid_chunk_mib: int = dataclasses.field(default=32, metadata={"help": "grid: noise per member chunk (MiB)"})
     grid_mem_gib: float = dataclasses.field(default=8.0, metadata={"help": "grid: skip points estimated above this"})
     grid_max_gflop: float = dataclasses.field(default=250.0, metadata={
         "help": "grid: skip a point (or its T-input part) whose one call does more matmul GFLOP than this"})
@@ -185,8 +184,8 @@ def _ONE_DEVICE():
 
 
 def _divisor_chunk(n: int, chunk: int):
-    """`chunk` lowered to a divisor of n (None = all members at once)."""
-    if not chunk or chunk >= n:
+    """`chunk` lowered to a divisor of n (0: None, evaluate_population's automatic chunk)."""
+    if not chunk:
         return None
     return largest_divisor_at_most(n, chunk)
 

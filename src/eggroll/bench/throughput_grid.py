@@ -2,9 +2,8 @@
 dtypes, one JSON record per point.
 
 Each point runs `eggroll bench throughput` in its own process (so its peak RSS is its own) with
-a member chunk sized so one chunk's noise stays under `grid_chunk_mib`: at a fixed width and
-rank the chunk, hence the population work's memory, does not grow with the population (only the
-inputs do). A point, or its T-input part, is skipped and says why when its estimated memory
+evaluate_population's automatic member chunk (at most 512 members): the population work's
+memory does not grow with the population (only the inputs do). A point, or its T-input part, is skipped and says why when its estimated memory
 exceeds `grid_mem_gib` or one call's estimated matmul work exceeds `grid_max_gflop` (on a 2-core
 CPU the widest points would take hours). Records are appended to `grid_out` as JSON lines and a
 rerun skips the points already there (resumable); the last line printed is a summary.
@@ -23,6 +22,7 @@ import sys
 import time
 
 from ..noise import largest_divisor_at_most
+from ..population import default_chunk
 
 TARGET_NOTE = ("targets: forward_over_inference >= 0.90 at width >= 256 (float32; >= 0.95 at width "
                "1024), update_over_inference <= 1.1 at rank 1, step_over_inference_t100 >= 0.90")
@@ -54,7 +54,7 @@ def plan_point(cfg, p: dict) -> dict:
     w, n, r, layers = p["width"], p["population"], p["rank"], cfg.layers
     item = 2 if p["dtype"] == "bfloat16" else 4
     noise_per_member = layers * ((2 * w) * r + w) * 4  # low-rank factors + bias noise (float32)
-    chunk = largest_divisor_at_most(n, max(2, (cfg.grid_chunk_mib << 20) // noise_per_member))
+    chunk = default_chunk(n) or n
     gflop_1 = 2 * n * layers * w * w / 1e9  # one plain inference of N inputs
     params_b = layers * w * w * 4 * 6  # params, grads, Adam moments, donated copies
     mem_1 = n * w * item * 4 + params_b + chunk * noise_per_member * 3
