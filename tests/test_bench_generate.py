@@ -17,3 +17,15 @@ def test_generate_bench_reports_all_numbers(capsys):
     assert set(r["tokens_per_s"]) == {"plain", "noise"} and all(v > 0 for v in r["tokens_per_s"].values())
     assert r["rows"] == 8 and isinstance(r["ok"]["noise_over_plain"], bool)
     assert "generate" in cli.BENCHES
+
+
+def test_generate_bench_layouts_of_the_fine_tuners():
+    """--layout all (vectors with full noise) on an untied model runs; a typo is one clear error."""
+    import pytest
+
+    small = dict(vocab=64, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=48, members=4,
+                 prompts_per_member=2, prompt_len=4, new_tokens=3, reps=1, inner=1, warmup=0, per_row=False)
+    r = run(Config(layout="all", untied=True, **small))
+    assert r["noise_over_plain"] > 0 and r["config"]["layout"] == "all"
+    with pytest.raises(ValueError, match="unknown parameter group"):
+        run(Config(layout="matrix", **small))

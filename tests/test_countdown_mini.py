@@ -119,6 +119,10 @@ def test_countdown_mini_smoke(tmp_path):
     assert (tmp_path / "run" / "sft" / "arrays.safetensors").exists()
     sub = json.loads((tmp_path / "run" / "eggroll-seed0" / "result.json").read_text())  # one harness run each
     assert sub["stopped"] == "budget" and sub["cpu_s"] >= 1.0 and sub["strategy"] == "eggroll"
+    # the end-of-run measurements of both methods: Pass@1..16, held-out NLL before / after, drift
+    for s in ("eggroll", "grpo"):
+        assert {"pass@1", "pass@16", "heldout_nll", "heldout_nll_start", "drift_norm"} <= set(res[f"{s}_measures"])
+        assert res[f"{s}_measures"]["pass@1"]["mean"] <= res[f"{s}_measures"]["pass@16"]["mean"]
     assert (tmp_path / "run" / "grpo-seed0" / "checkpoint" / "arrays.safetensors").exists()
     # a second run reuses the SFT checkpoint and skips finished (strategy, seed) runs
     res2 = cm.run(cfg)
@@ -150,3 +154,57 @@ def test_countdown_mini_fine_tune_resumes_exactly(tmp_path):
     assert steps == [1, 2, 3, 4, 1, 2, 3, 4]  # no step repeated or lost
     with pytest.raises(ValueError, match="cannot resume"):
         run("part", 6, resume=True, sigma=0.01)
+
+
+def test_countdown_search_equal_budget_and_resumes(tmp_path):
+    """A tiny search: one trial per method from one shared SFT checkpoint; rerun = nothing new."""
+    from eggroll.recipes import countdown_search as cs
+
+    base = {k: v for k, v in TINY_RUN.items() if k not in ("progress",)}
+    space = {"eggroll": {"sigma": [0.01], "population": [4], "es_prompts": [2]},
+             "grpo": {"group_size": [2], "grpo_prompts": [2], "grpo_temperature": [1.0]}}
+    cfg = cs.Config(trials=1, budget_s=0.3, space=json.dumps(space), base=json.dumps({**base, "pass_k": 2}),
+                    out_dir=str(tmp_path / "s"))
+    res = cs.run(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "s" / "trials.jsonl").read_text().splitlines()]
+    assert [(t["method"], t["trial"]) for t in lines] == [("eggroll", 0), ("grpo", 0)]
+    assert res["best"]["eggroll"]["hp"]["sigma"] == 0.01 and res["best"]["grpo"]["trials"] == 1
+    assert (tmp_path / "s" / "sft" / "arrays.safetensors").exists()  # one SFT start for every trial
+    assert not (tmp_path / "s" / "grpo" / "trial0" / "sft").exists()
+    again = cs.run(cfg)
+    assert again["best"] == res["best"] and len((tmp_path / "s" / "trials.jsonl").read_text().splitlines()) == 2
+    measures = json.loads((tmp_path / "s" / "eggroll" / "trial0" / "result.json").read_text())["eggroll_measures"]
+    assert {"pass@1", "pass@2", "heldout_nll", "heldout_nll_start", "drift_norm"} <= set(measures)
+    with pytest.raises(ValueError, match="not a tunable"):
+        cs.spaces(cs.Config(space=json.dumps({"grpo": {"sigma": [0.1]}})))
+    with pytest.raises(ValueError, match="--base"):
+        cs.run(cs.Config(base=json.dumps({"nope": 1}), out_dir=str(tmp_path / "bad")))
+
+
+def test_reasoning_trace_answers():
+    from eggroll.tasks.reasoning import countdown_trace, trace_answer
+
+    t = countdown_trace([3, 5, 7], 22, "3 * 5 + 7")
+    assert t == "3 * 5 = 15 ; left 7 15 ; 15 + 7 = 22 ; left 22 ; check 3*5+7 = 22 ; answer 3*5+7"
+    assert trace_answer(t) == "3*5+7" and trace_answer("no final line") is None
+    assert "4 / 6 = 2/3 ; left 3 2/3 ;" in countdown_trace([4, 6, 3], 2, "4/6*3")  # fractions as p/q
+    with pytest.raises(ValueError, match="not 23"):
+        countdown_trace([3, 5, 7], 23, "3*5+7")
+    cfg = cm.Config(sft_problems=200, eval_problems=20, trace=True, max_new_tokens=countdown_sft.TRACE_TOKENS)
+    task, tok = cm.make_task(cfg), countdown_sft.make_tokenizer(cfg)
+    held, train = cm.problem_sets(cfg, task)
+    lengths = [len(tok.encode(e["solution"])) for e in train]
+    assert min(lengths) >= 64 and max(lengths) < cfg.max_new_tokens  # a trace of >= 64 tokens, + EOS fits
+    assert all(task.reward(e["solution"], e) == 1.0 for e in train[:50])  # the reward reads the final answer
+    with pytest.raises(ValueError, match="--trace needs --max-new-tokens"):
+        cm.validate(cm.Config(trace=True))
+
+
+@pytest.mark.slow
+def test_countdown_mini_trace_smoke(tmp_path):
+    cfg = cm.Config(run_dir=str(tmp_path / "run"), budget_s=0.5, eval_every_s=0.5, trace=True,
+                    max_new_tokens=countdown_sft.TRACE_TOKENS, **{**TINY_RUN, "sft_max_steps": 5, "pass_k": 2})
+    res = cm.run(cfg)
+    assert 0 <= res["eggroll_accuracy"] <= 1 and 0 <= res["grpo_accuracy"] <= 1
+    for s in ("eggroll", "grpo"):
+        assert set(res[f"{s}_measures"]) >= {"pass@1", "pass@2", "heldout_nll", "drift_norm"}

@@ -138,3 +138,80 @@ def test_tokenizer_eos_and_chat_template(tmp_path):
     assert t.encode("hello world").ids == [2, 3] and eos == (7, 1)
     text = hf.apply_chat_template(tpl, [{"role": "user", "content": "hi"}])
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_hub_download_fetches_jinja_templates(monkeypatch):
+    """Checkpoints that keep their chat template in chat_template.jinja (newer transformers) get it."""
+    hub = pytest.importorskip("huggingface_hub")
+    seen = {}
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        seen.update(repo=repo_id, patterns=list(allow_patterns))
+        return "/nowhere"
+
+    monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+    assert hf.resolve("org/model") == "/nowhere" and seen["repo"] == "org/model"
+    assert "*.jinja" in seen["patterns"] and "*.safetensors" in seen["patterns"]
+
+
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def _llama3_style_tokenizer(d, *, jinja_file: bool):
+    """A tiny Llama-3-style tokenizer: a BOS added by its post-processor, a chat template that
+    starts with {{ bos_token }} (in tokenizer_config.json or in chat_template.jinja)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    specials = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+    words = ["<unk>", "user", "assistant", "hi", "there", "3", "+", "4"]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.add_special_tokens(specials)
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", vocab["<|begin_of_text|>"])])
+    tok.save(str(d / "tokenizer.json"))
+    tc = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    if jinja_file:
+        (d / "chat_template.jinja").write_text(LLAMA3_TEMPLATE)
+    else:
+        tc["chat_template"] = LLAMA3_TEMPLATE
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    return vocab
+
+
+@pytest.mark.parametrize("jinja_file", [False, True])
+def test_chat_template_path_matches_transformers(tmp_path, jinja_file):
+    """Our prompt ids (template rendered with the checkpoint's bos_token, one BOS) equal
+    transformers' apply_chat_template(tokenize=True); plain prompts equal tokenizer(text)."""
+    from eggroll.recipes.llm import HFTokenizer
+
+    vocab = _llama3_style_tokenizer(tmp_path, jinja_file=jinja_file)
+    tok, template, eos = hf.load_tokenizer(str(tmp_path))
+    special = hf.special_tokens(str(tmp_path), tok)
+    assert special == {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                       "bos_id": vocab["<|begin_of_text|>"], "add_bos": True}
+    ours = HFTokenizer(tok, eos, template, bos_id=special["bos_id"], add_bos=special["add_bos"])
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
+                                                  bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    messages = [{"role": "user", "content": "hi there 3 + 4"}]
+    text = hf.apply_chat_template(template, messages, bos_token=special["bos_token"], eos_token=special["eos_token"])
+    want = theirs.apply_chat_template(messages, chat_template=LLAMA3_TEMPLATE, add_generation_prompt=True,
+                                      tokenize=True)
+    want = list(want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want)
+    for prompt, expected in ((text, want), ("3 + 4", theirs("3 + 4")["input_ids"])):
+        ids, lens = ours.encode_batch([prompt], length=40)
+        assert ids[0, 40 - lens[0]:].tolist() == expected
+        assert expected.count(vocab["<|begin_of_text|>"]) == 1
+    ids, lens = ours.encode_batch(["hi there 3 + 4"], length=3)  # truncated: BOS kept, the last tokens
+    assert ids[0].tolist() == [vocab["<|begin_of_text|>"], vocab["+"], vocab["4"]] and ours.truncated == 1
+
+
+def test_qwen_style_tokenizer_gets_no_bos(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "<|im_end|>": 1, "hi": 2}, unk_token="<unk>"))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "<|im_end|>"}))
+    special = hf.special_tokens(str(tmp_path), hf.load_tokenizer(str(tmp_path))[0])
+    assert special["bos_id"] is None and special["add_bos"] is False

@@ -88,3 +88,25 @@ def test_llm_config_errors(tiny_ckpt):
         llm.validate(llm.Config())
     with pytest.raises(ValueError, match="countdown_numbers"):
         llm.validate(llm.Config(model="x", countdown_numbers="3"))
+
+
+@pytest.mark.slow
+def test_llm_train_params_measures_and_errors(tiny_ckpt, tmp_path):
+    """--train-params all (vectors included), bfloat16 compute, anchored decay; result.json has
+    the drift, the held-out text loss before / after and Pass@K; bad groups are one-line errors."""
+    text = tmp_path / "heldout.txt"
+    text.write_text("1+2=3\n\n4*5=20, 6-1=5\n")
+    res = llm.run(_cfg(tiny_ckpt, tmp_path / "m", generations=1, train_params="all", compute_dtype="bfloat16",
+                       anchor_decay=0.01, heldout_text=str(text), pass_k=2))
+    m = res["measures"]
+    assert {"drift_norm", "drift_rel", "heldout_nll", "heldout_nll_start", "pass@1", "pass@2"} <= set(m)
+    assert m["pass@1"] <= m["pass@2"] and m["heldout_nll"] > 0
+
+
+def test_llm_new_flag_errors(tiny_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="unknown parameter group"):
+        llm.validate(llm.Config(model="x", train_params="matrices,heads"))
+    with pytest.raises(ValueError, match="anchor_decay"):
+        llm.validate(llm.Config(model="x", anchor_decay=1.0))
+    with pytest.raises(FileNotFoundError, match="heldout-text"):
+        llm.make_train(_cfg(tiny_ckpt, tmp_path / "x", heldout_text=str(tmp_path / "missing.txt")))

@@ -48,6 +48,7 @@ TOOLS = {
     "sample": ("eggroll.recipes.egg_sample", "generate text from a trained EGG checkpoint"),
     "corpus": ("eggroll.corpus", "convert a text corpus into the byte cache; print split sizes and n-gram bits/byte"),
     "tune": ("eggroll.tune", "random search over the rl recipe's hyperparameters for any env (ES or PPO)"),
+    "search-countdown": ("eggroll.recipes.countdown_search", "equal-budget hyperparameter search of EGGROLL vs GRPO on countdown-mini (resumable)"),
 }
 
 

@@ -22,8 +22,8 @@ import shlex
 import typing
 from collections.abc import Callable, Iterator, Mapping
 
-__all__ = ["OPTIMIZERS", "add_dataclass_flags", "config_from_flags", "flag", "hidden_sizes", "parse_config",
-           "parse_into"]
+__all__ = ["OPTIMIZERS", "add_dataclass_flags", "config_from_flags", "flag", "flag_args", "hidden_sizes",
+           "parse_config", "parse_into"]
 
 
 def flag(default, help: str, choices=None):
@@ -83,6 +83,15 @@ def config_from_flags(mod, flags: str, **fixed):
     add_dataclass_flags(parser, mod.Config)
     cfg = parse_config(parser, mod.Config, shlex.split(flags), getattr(mod, "PRESETS", None))
     return dataclasses.replace(cfg, **fixed)
+
+
+def flag_args(values: Mapping) -> list[str]:
+    """Command-line flags for Config field values: {"lr": 0.1} -> ["--lr", "0.1"] (the inverse
+    of the flags `add_dataclass_flags` makes; searches print commands that reproduce a trial)."""
+    out: list[str] = []
+    for k, v in values.items():
+        out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
 
 
 def hidden_sizes(hidden) -> tuple[int, ...]:

@@ -65,6 +65,7 @@ class Decoder(NamedTuple):
     step: Callable  # (params, tokens, positions, noise, state, index) -> (last logits (V,), state)
 
 
+@functools.lru_cache(maxsize=None)  # one Decoder per (cfg, dtype): a static jit argument, so no recompiles
 def transformer_decoder(cfg: tfm.TransformerConfig, cache_dtype=jnp.float32) -> Decoder:
     def step(params, tokens, positions, noise, state, index):
         h, state = tfm.hidden_states(params, cfg, tokens, positions, noise, state, index)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .recipes import rl as recipe
 from .runlog import write_json
-from .config import flag
+from .config import flag, flag_args
 
 SPACES = {
     "es": {
@@ -89,9 +89,7 @@ def command(cfg: Config, hp: dict) -> str:
     args = ["eggroll", "train", "rl", "--env", cfg.env, "--strategy", cfg.strategy]
     if cfg.hidden:
         args += ["--hidden", cfg.hidden]
-    for k, v in hp.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
-    return shlex.join(args)
+    return shlex.join(args + flag_args(hp))
 
 
 def run(cfg: Config) -> dict:

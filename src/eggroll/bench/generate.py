@@ -14,6 +14,12 @@ in one process (the timing helper of `bench throughput`), so machine load hits b
     per_row_over_plain  the same with rows_per_member=1.
 
     eggroll bench generate --hidden 256 --layers 4 --members 16 --prompts-per-member 4
+    eggroll bench generate --layout all --untied      # the noise layout of --train-params all
+
+--layout picks the perturbed parameter groups as the fine-tuners' --train-params does
+(`tasks.param_groups`: matrices, embeddings, head, vectors, or all; vectors get full noise);
+empty: --freeze-vectors decides (matrices and the tied embedding low-rank). --untied gives the
+model its own LM head (countdown-mini's model), else the head is the embedding table.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import jax.numpy as jnp
 from ..models import transformer as tfm
 from ..sampling import generate
 from ..strategy import eggroll
+from ..tasks.param_groups import group_kinds, parse_groups
 from .throughput import _interleaved, _paired
 
 TARGETS = {"noise_over_plain": (">=", 0.9)}
@@ -58,6 +65,10 @@ class Config:
     inner: int = dataclasses.field(default=2, metadata={"help": "timed calls per round and side"})
     warmup: int = dataclasses.field(default=1, metadata={"help": "untimed calls after compiling"})
     seed: int = dataclasses.field(default=0, metadata={"help": "random seed"})
+    layout: str = dataclasses.field(default="", metadata={
+        "help": "perturbed groups as --train-params: all, or a comma list of matrices, embeddings, head, vectors "
+                "(empty: --freeze-vectors)"})
+    untied: bool = dataclasses.field(default=False, metadata={"help": "a separate LM head (else tied embeddings)"})
 
 
 def run(cfg: Config) -> dict:
@@ -67,7 +78,7 @@ def run(cfg: Config) -> dict:
         raise ValueError(f"hidden ({cfg.hidden}) must be divisible by heads ({cfg.heads})")
     mcfg = tfm.TransformerConfig(vocab_size=cfg.vocab, hidden_size=cfg.hidden, num_layers=cfg.layers,
                                  num_heads=cfg.heads, num_kv_heads=cfg.kv_heads, head_dim=cfg.hidden // cfg.heads,
-                                 intermediate_size=cfg.intermediate, qkv_bias=True, tie_embeddings=True)
+                                 intermediate_size=cfg.intermediate, qkv_bias=True, tie_embeddings=not cfg.untied)
     key = jax.random.PRNGKey(cfg.seed)
     k_par, k_prompt, k_len, k_es, k_gen = jax.random.split(key, 5)
     dtype = jnp.dtype(cfg.dtype)
@@ -77,7 +88,10 @@ def run(cfg: Config) -> dict:
     lengths = jax.random.randint(k_len, (b,), max(1, cfg.prompt_len // 2), cfg.prompt_len + 1, jnp.int32)
     prompts = jnp.where(jnp.arange(cfg.prompt_len)[None] >= cfg.prompt_len - lengths[:, None], prompts, 0)
     population = cfg.members + cfg.members % 2
-    kinds = (lambda path, x: "lowrank" if x.ndim == 2 else "frozen") if cfg.freeze_vectors else None
+    if cfg.layout:
+        kinds = group_kinds(params, parse_groups(cfg.layout))
+    else:
+        kinds = (lambda path, x: "lowrank" if x.ndim == 2 else "frozen") if cfg.freeze_vectors else None
     es = eggroll(population, cfg.sigma, cfg.rank, kinds=kinds)
     ctx = es.setup(k_es, params)
     state = es.init(ctx)

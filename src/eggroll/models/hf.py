@@ -5,13 +5,15 @@ safetensors checkpoints, and export (evolved) weights back in the same format.
     ckpt.params, ckpt.cfg                          # float32 pytree + TransformerConfig
     ckpt.tokenizer                                 # tokenizers.Tokenizer (tokenizer.json) or None
     ckpt.chat_template, ckpt.eos_ids               # from tokenizer_config / generation_config
-    text = apply_chat_template(ckpt.chat_template, [{"role": "user", "content": "hi"}])
+    ckpt.special                                   # bos_token, eos_token, bos_id, add_bos (`special_tokens`)
+    text = apply_chat_template(ckpt.chat_template, [{"role": "user", "content": "hi"}],
+                               bos_token=ckpt.special["bos_token"], eos_token=ckpt.special["eos_token"])
     save_pretrained("out_dir", params, ckpt.cfg, source=ckpt.path)   # + tokenizer files copied
 
 A directory holds config.json, model.safetensors or model-0000x-of-0000y.safetensors shards with
 model.safetensors.index.json, and optionally tokenizer.json, tokenizer_config.json (chat
 template, eos token) and generation_config.json (eos ids). Hub ids need `huggingface_hub`
-(downloaded once into its cache). Every tensor name, shape and the absence of extra tensors is
+(downloaded once into its cache: HUB_PATTERNS, chat_template.jinja included). Every tensor name, shape and the absence of extra tensors is
 checked; a mismatch raises one error listing the missing / mismatched / unexpected tensors.
 Tensors are read with safetensors' flax backend (bfloat16 checkpoints load), cast to `dtype`.
 """
@@ -32,6 +34,8 @@ from .transformer import TransformerConfig, init_params
 SUPPORTED = ("qwen2", "qwen3", "llama")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+# what a hub download fetches: config, weights, tokenizer files and chat_template.jinja
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
 # buffers some checkpoints carry that are not parameters
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -44,6 +48,7 @@ class Pretrained(NamedTuple):
     eos_ids: tuple
     hf_config: dict
     path: str
+    special: dict = {}  # `special_tokens`: bos_token / eos_token strings (for templates), bos_id, add_bos
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +183,7 @@ def resolve(path_or_id: str) -> str:
     except ImportError as e:
         raise ModuleNotFoundError("loading a hub id needs huggingface_hub: pip install huggingface_hub "
                                   "(or pass a local checkpoint directory)") from e
-    return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+    return snapshot_download(path_or_id, allow_patterns=list(HUB_PATTERNS))
 
 
 def _weight_files(path: str) -> list[str]:
@@ -247,6 +252,24 @@ def load_tokenizer(path: str):
     return tok, template, tuple(dict.fromkeys(eos))
 
 
+def _token_text(x):
+    return x.get("content") if isinstance(x, dict) else x
+
+
+def special_tokens(path: str, tok) -> dict:
+    """The BOS convention of a checkpoint's family: {"bos_token", "eos_token"} (strings a chat
+    template renders: Llama-3's starts with {{ bos_token }}), "bos_id" (None: no BOS, as in Qwen)
+    and "add_bos" (whether a plain prompt starts with BOS: tokenizer_config's add_bos_token, else
+    what the tokenizer's own post-processor does -- Llama-3's adds <|begin_of_text|>)."""
+    tc = _json(path, "tokenizer_config.json")
+    bos, eos = _token_text(tc.get("bos_token")), _token_text(tc.get("eos_token"))
+    bos_id = tok.token_to_id(bos) if tok is not None and bos else None
+    add = tc.get("add_bos_token")
+    if add is None:
+        add = bos_id is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+    return {"bos_token": bos or "", "eos_token": eos or "", "bos_id": bos_id, "add_bos": bool(add and bos_id is not None)}
+
+
 def load_pretrained(path_or_id: str, dtype=jnp.float32) -> Pretrained:
     path = resolve(path_or_id)
     hf_config = _json(path, "config.json")
@@ -257,11 +280,13 @@ def load_pretrained(path_or_id: str, dtype=jnp.float32) -> Pretrained:
     check_tensors({k: v.shape for k, v in tensors.items()}, cfg, where=path)
     params = unflatten(tensors, jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), cfg)))
     tok, template, eos = load_tokenizer(path)
-    return Pretrained(params, cfg, tok, template, eos, hf_config, path)
+    return Pretrained(params, cfg, tok, template, eos, hf_config, path, special_tokens(path, tok))
 
 
 def apply_chat_template(template: str, messages: list, add_generation_prompt: bool = True, **kwargs) -> str:
-    """Render a Hugging Face (jinja2) chat template. Needs jinja2."""
+    """Render a Hugging Face (jinja2) chat template. Needs jinja2. Pass the checkpoint's
+    bos_token / eos_token (`special_tokens`) as kwargs, as transformers does: Llama-3 templates
+    begin with {{ bos_token }}."""
     if not template:
         raise ValueError("this checkpoint has no chat template; format the prompt yourself")
     try:

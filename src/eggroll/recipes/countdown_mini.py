@@ -34,6 +34,14 @@ train_s on the budget clock, wall_s, accuracy, samples so far, ...), steps.jsonl
 curves.png (accuracy vs budget clock) and result.json; the last line printed is
 {"eggroll_accuracy", "grpo_accuracy", "start_accuracy", "budget_s", ...}, averaged over seeds.
 
+Fair comparison: `--train-params all` (or a group list) trains the same parameters with both
+methods; `eggroll.recipes.countdown_search` searches both with an equal trial budget. Each
+fine-tune's result.json has "measures" (Pass@1..Pass@K at `--pass-k` samples, held-out NLL
+before / after, drift ||theta - theta_0||); the top result.json their mean and standard error
+over seeds as `<method>_measures`, and `<method>_accuracy_stderr`. `--anchor-decay` (EGGROLL),
+`--grpo-temperature`, `--compute-dtype bfloat16`; `--trace --max-new-tokens 112`: answers carry
+a worked reasoning trace (docs/LLM.md).
+
 Several processes (`--coordinator HOST:PORT --num-processes P --process-id I`): every process
 trains the same SFT model and process 0 writes it; EGGROLL splits its members over every device
 of every process (rewards cross: 12 bytes per (member, prompt) row), GRPO is data parallel
@@ -59,14 +67,19 @@ from .. import distributed, harness
 from ..baselines.grpo import check_data_parallel, grpo_finetuner
 from ..config import OPTIMIZERS, flag
 from ..runlog import read_metrics, write_json
-from ..tasks.char_tokenizer import CharTokenizer
-from ..tasks.finetune import BudgetClock, PromptStream, es_finetuner, llm_kinds
-from .countdown_sft import (PROMPT_LEN, SFT_FIELDS, held_out_accuracy, log, make_task, model_config, problem_sets,
-                            supervised_start)
+from ..tasks.finetune import BudgetClock, PromptStream, es_finetuner
+from ..tasks.param_groups import group_kinds, group_mask, llm_kinds, masked_optimizer, parse_groups
+from ..tasks.finetune import COMPUTE_DTYPES as DTYPES
+from .countdown_sft import (PROMPT_LEN, SFT_FIELDS, TRACE_TOKENS, held_out_accuracy, log, make_task, make_tokenizer,
+                            measure, model_config, problem_sets, supervised_start)
 
-STRATEGY_FIELDS = {"eggroll": ("population", "es_prompts", "sigma", "rank", "es_lr", "es_optimizer", "perturb_embeddings"),
-                   "grpo": ("grpo_prompts", "group_size", "grpo_lr", "clip_eps", "kl_coef", "minibatches")}
-BUDGET_FIELDS = ("budget_s", "clock", "generations")  # a finished fine-tune is reused only if these match too
+SHARED_FIELDS = ("train_params", "compute_dtype")  # both methods'
+STRATEGY_FIELDS = {"eggroll": ("population", "es_prompts", "sigma", "rank", "es_lr", "es_optimizer", "perturb_embeddings",
+                               "anchor_decay") + SHARED_FIELDS,
+                   "grpo": ("grpo_prompts", "group_size", "grpo_lr", "clip_eps", "kl_coef", "minibatches",
+                            "grpo_temperature") + SHARED_FIELDS}
+# a finished fine-tune is reused only if these match too (the budget and the end-of-run measurements)
+BUDGET_FIELDS = ("budget_s", "clock", "generations", "pass_k", "pass_k_temperature")
 NO_CAP = 10**9  # the step cap of a fine-tune when --generations is 0
 
 ES_OPTIMIZERS = ("adam", "sgd")  # of config.OPTIMIZERS
@@ -100,6 +113,7 @@ class Config(harness.RunConfig):
     es_lr: float = _arg(3e-4, "EGGROLL learning rate")
     es_optimizer: str = _arg("adam", "EGGROLL optimizer", ES_OPTIMIZERS)
     perturb_embeddings: bool = _arg(True, "EGGROLL: low-rank noise on the embedding table too")
+    anchor_decay: float = _arg(0.0, "EGGROLL: each generation theta <- theta - decay * (theta - theta_0) (0: off)")
     # GRPO
     grpo_prompts: int = _arg(16, "GRPO prompts per step")
     group_size: int = _arg(8, "GRPO samples per prompt")
@@ -107,6 +121,17 @@ class Config(harness.RunConfig):
     clip_eps: float = _arg(0.2, "GRPO clip range")
     kl_coef: float = _arg(0.0, "GRPO KL coefficient (reference = the SFT checkpoint)")
     minibatches: int = _arg(1, "GRPO minibatches per step")
+    grpo_temperature: float = _arg(1.0, "GRPO sampling temperature")
+    # both
+    train_params: str = _arg("", "parameter groups BOTH methods train: all, or a comma list of matrices, embeddings, "
+                             "head, vectors (empty: each method's default: EGGROLL matrices (+ embeddings), GRPO all)")
+    compute_dtype: str = _arg("float32", "dtype of generation and of GRPO's forward (masters stay float32)",
+                              ("float32", "bfloat16"))
+    pass_k: int = _arg(16, "at the end: samples per held-out problem for Pass@1..Pass@K (0: skip)")
+    pass_k_temperature: float = _arg(1.0, "sampling temperature of the Pass@K samples")
+    sft_dir: str = _arg("", "SFT checkpoint directory (empty: run_dir/sft); a search shares one")
+    trace: bool = _arg(False, "answers carry a worked reasoning trace (74-94 tokens; needs --max-new-tokens "
+                       f">= {TRACE_TOKENS}); reward from the final answer")
     # misc
     partial: float = _arg(0.0, "reward for a well-formed but wrong expression")
     max_new_tokens: int = _arg(14, "generated tokens per answer (incl. EOS)")
@@ -134,6 +159,14 @@ def validate(cfg: Config) -> Config:
     need(cfg.hidden % 16 == 0 and cfg.hidden >= 16, f"hidden must be a multiple of 16, got {cfg.hidden}")
     need(all(s in ("eggroll", "grpo") for s in _csv(cfg.strategies)), f"strategies must be eggroll/grpo, got {cfg.strategies!r}")
     need(cfg.max_new_tokens >= 12, "max_new_tokens must be >= 12 (longest solution + EOS)")
+    need(not cfg.trace or cfg.max_new_tokens >= TRACE_TOKENS,
+         f"--trace needs --max-new-tokens >= {TRACE_TOKENS} (the longest traced answer + EOS), got {cfg.max_new_tokens}")
+    need(0 <= cfg.anchor_decay < 1, f"anchor_decay must be in [0, 1), got {cfg.anchor_decay}")
+    need(cfg.grpo_temperature > 0 and cfg.pass_k >= 0 and cfg.pass_k_temperature > 0,
+         "grpo_temperature and pass_k_temperature must be > 0, pass_k >= 0")
+    need(cfg.compute_dtype in DTYPES, f"compute_dtype must be float32 or bfloat16, got {cfg.compute_dtype!r}")
+    if cfg.train_params:
+        parse_groups(cfg.train_params)
     need(min(cfg.generations, cfg.eval_every, cfg.checkpoint_every) >= 0 and math.isfinite(cfg.time_limit)
          and cfg.time_limit >= 0, "generations, eval_every, checkpoint_every and time_limit must be >= 0")
     if "eggroll" in _csv(cfg.strategies):
@@ -174,17 +207,22 @@ def fine_tune_config(cfg: Config, strategy: str, seed: int) -> Config:
 def make_finetuner(cfg: Config, setup: Setup):
     """(init, advance(state, examples), prompts per step, communication(state)) of cfg's strategy."""
     s, key = setup, jax.random.PRNGKey(cfg.seed)
+    groups = parse_groups(cfg.train_params) if cfg.train_params else None
+    dtype = DTYPES[cfg.compute_dtype]
     if cfg.strategies == "eggroll":
+        kinds = group_kinds(s.params0, groups) if groups else llm_kinds(embeddings=cfg.perturb_embeddings)
         ft = es_finetuner(s.mcfg, s.tok, s.task, OPTIMIZERS[cfg.es_optimizer](cfg.es_lr), population=cfg.population,
-                          sigma=cfg.sigma, rank=cfg.rank, kinds=llm_kinds(embeddings=cfg.perturb_embeddings),
-                          prompt_len=PROMPT_LEN, max_new_tokens=cfg.max_new_tokens)
-        ctx = ft.setup(key, s.params0)  # the noise context: built once, passed to every step, never saved
+                          sigma=cfg.sigma, rank=cfg.rank, kinds=kinds, prompt_len=PROMPT_LEN,
+                          max_new_tokens=cfg.max_new_tokens, compute_dtype=dtype, anchor_decay=cfg.anchor_decay)
+        ctx = ft.setup(key, s.params0)  # the noise context (+ anchor): built once, passed to every step, never saved
         return (lambda: ft.init(ctx, s.params0)), (lambda st, ex: ft.step(ctx, st, ex)), cfg.es_prompts, \
             (lambda st: ft.communication(cfg.es_prompts))
-    ft = grpo_finetuner(s.mcfg, s.tok, s.task, optax.adam(cfg.grpo_lr), group_size=cfg.group_size,
-                        prompt_len=PROMPT_LEN, max_new_tokens=cfg.max_new_tokens, clip_eps=cfg.clip_eps,
-                        kl_coef=cfg.kl_coef, ref_params=s.params0 if cfg.kl_coef else None,
-                        minibatches=cfg.minibatches)
+    opt = optax.adam(cfg.grpo_lr)
+    ft = grpo_finetuner(s.mcfg, s.tok, s.task, masked_optimizer(opt, group_mask(s.params0, groups)) if groups else opt,
+                        group_size=cfg.group_size, prompt_len=PROMPT_LEN, max_new_tokens=cfg.max_new_tokens,
+                        temperature=cfg.grpo_temperature, clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
+                        ref_params=s.params0 if cfg.kl_coef else None, minibatches=cfg.minibatches,
+                        compute_dtype=dtype)
     return (lambda: ft.init(key, s.params0)), ft.step, cfg.grpo_prompts, (lambda st: ft.communication(st, cfg.grpo_prompts))
 
 
@@ -228,7 +266,8 @@ def make_train(cfg: Config, setup: Setup, top: Config) -> harness.Train:
         trajectory=trajectory(strategy), title=f"countdown-mini: {strategy}, seed {seed}",
         plot_keys=[("accuracy", "mean_reward"), ("no_signal_frac",)], totals=("cpu_s", "step_s", "samples"),
         stop=clock.stop, communication=communication,
-        summary=lambda state, result: {"strategy": strategy, "seed": seed, "compile_s": compile_s, "settings": settings})
+        summary=lambda state, result: {"strategy": strategy, "seed": seed, "compile_s": compile_s, "settings": settings,
+                                       **measure(cfg, setup, state.params)})
 
 
 def _finished(sub: Config) -> dict | None:
@@ -247,7 +286,7 @@ def run(cfg: Config) -> dict:
     if distributed.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", dataclasses.asdict(cfg))
-    tok, task = CharTokenizer(), make_task(cfg)
+    tok, task = make_tokenizer(cfg), make_task(cfg)
     mcfg = model_config(cfg, tok.vocab_size)
     held, train = problem_sets(cfg, task)
     setup = Setup(mcfg, tok, task, held, train, *supervised_start(cfg, mcfg, tok, task, held, train))
@@ -296,6 +335,11 @@ def write_outputs(cfg: Config) -> list[dict]:
     return curves
 
 
+def stderr(xs) -> float | None:
+    """Standard error of the mean (None for fewer than 2 values)."""
+    return float(np.std(xs, ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else None
+
+
 def plot_accuracy(records, seeds, strategies, path, title):
     """Held-out accuracy vs training seconds: one thin line per seed, colour per strategy."""
     import matplotlib
@@ -333,8 +377,12 @@ def summarise(cfg: Config, run_dir: Path, records: list[dict], start_acc: float,
         result[f"{s}_accuracy_per_seed"] = accs
         result[f"{s}_samples_per_s"] = float(np.mean([finals[(s, seed)]["samples"] / max(finals[(s, seed)]["train_s"], 1e-9)
                                                       for seed in seeds if (s, seed) in finals] or [0.0]))
+        result[f"{s}_accuracy_stderr"] = stderr(accs)
         first = _finished(fine_tune_config(cfg, s, seeds[0])) or {}
         result[f"{s}_communication"] = first.get("communication", {})
+        done = [r["measures"] for r in (_finished(fine_tune_config(cfg, s, seed)) for seed in seeds) if r and "measures" in r]
+        result[f"{s}_measures"] = {k: {"mean": float(np.mean([d[k] for d in done])), "stderr": stderr([d[k] for d in done])}
+                                   for k in (done[0] if done else {})}
     if distributed.is_main_process():
         plot_accuracy(records, seeds, _csv(cfg.strategies), run_dir / "curves.png",
                       f"countdown-mini: held-out accuracy vs fine-tuning {cfg.clock} time (start {start_acc:.2f})")

@@ -3,8 +3,11 @@
 The held-out set and the training pool with brute-force solutions (`problem_sets`), the tiny
 Qwen-style transformer (`model_config`), and `supervised_start`: Adam on the solutions until the
 held-out accuracy reaches `sft_target` or `sft_max_steps`, saved to <run_dir>/sft and reused by
-later runs with the same SFT settings (SFT_FIELDS). `cfg` is a `countdown_mini.Config`; the
-recipe itself (the fine-tunes, their outputs, `run`) is eggroll.recipes.countdown_mini.
+later runs with the same SFT settings (SFT_FIELDS; `sft_dir` moves it, e.g. one for a whole
+search). With `trace` the answers are the solver's worked traces (`countdown_trace`, a larger
+alphabet). `measure`: the end-of-fine-tune forgetting and coverage numbers. `cfg` is a
+`countdown_mini.Config`; the recipe itself (the fine-tunes, their outputs, `run`) is
+eggroll.recipes.countdown_mini.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import optax
 from .. import distributed
 from ..baselines import grpo as grpo_mod
 from ..models import transformer as tfm
+from ..tasks import forgetting
 from ..tasks.finetune import evaluate_accuracy
-from ..tasks.reasoning import CountdownSpec, countdown_task, solve_countdown
+from ..tasks.char_tokenizer import DEFAULT_ALPHABET, CharTokenizer
+from ..tasks.reasoning import CountdownSpec, countdown_task, countdown_trace, solve_countdown, trace_answer
 
 if TYPE_CHECKING:
     from .countdown_mini import Config
@@ -31,19 +36,31 @@ SPEC = CountdownSpec(min_numbers=3, max_numbers=3, min_value=1, max_value=10, mi
 TEMPLATE = "{numbers_str}>{target}:"
 PROMPT_LEN = 13  # "10 10 10>100:"
 SFT_FIELDS = ("hidden", "layers", "sft_seed", "sft_problems", "sft_batch", "sft_lr", "sft_target",
-              "sft_max_steps", "eval_problems")
+              "sft_max_steps", "eval_problems", "trace")
+TRACE_ALPHABET = DEFAULT_ALPHABET + "abcdefghijklmnopqrstuvwxyz;"
+TRACE_TOKENS = 112  # max_new_tokens for traced answers (the longest of 8,000 training problems: 94 + EOS)
+
+
+def make_tokenizer(cfg: Config) -> CharTokenizer:
+    return CharTokenizer(TRACE_ALPHABET if cfg.trace else DEFAULT_ALPHABET)
+
+
+def solution(cfg: Config, ex) -> str:
+    """The supervised answer: the solver's expression, or (--trace) its worked trace."""
+    expr = solve_countdown(ex["numbers"], ex["target"]).replace(" ", "")
+    return countdown_trace(ex["numbers"], ex["target"], expr) if cfg.trace else expr
 
 
 def model_config(cfg: Config, vocab: int) -> tfm.TransformerConfig:
     heads = cfg.hidden // 16
     return tfm.TransformerConfig(vocab_size=vocab, hidden_size=cfg.hidden, num_layers=cfg.layers, num_heads=heads,
                                  num_kv_heads=max(1, heads // 2), head_dim=16, intermediate_size=3 * cfg.hidden,
-                                 max_position=64, tie_embeddings=False)
+                                 max_position=max(64, PROMPT_LEN + cfg.max_new_tokens), tie_embeddings=False)
 
 
 def make_task(cfg: Config):
     return countdown_task(SPEC, template=TEMPLATE, source="builtin", partial=cfg.partial,
-                          answer_fn=lambda text: text.strip() or None)
+                          answer_fn=trace_answer if cfg.trace else (lambda text: text.strip() or None))
 
 
 def _key(ex) -> tuple:
@@ -63,7 +80,7 @@ def problem_sets(cfg: Config, task):
         if k in held_keys or k in seen:
             continue
         seen.add(k)
-        ex["solution"] = solve_countdown(ex["numbers"], ex["target"]).replace(" ", "")
+        ex["solution"] = solution(cfg, ex)
         train.append(ex)
     if len(train) < cfg.sft_problems:
         raise ValueError(f"countdown-mini: only {len(train)} distinct training problems found; lower sft_problems")
@@ -78,7 +95,7 @@ def log(cfg, msg):
 def supervised_start(cfg: Config, mcfg, tok, task, held, train) -> tuple:
     """Train (or reuse) the SFT checkpoint -> (params, start accuracy, metadata). Every process
     trains the same model; process 0 writes it."""
-    ckpt = Path(cfg.run_dir) / "sft"
+    ckpt = Path(cfg.sft_dir) if cfg.sft_dir else Path(cfg.run_dir) / "sft"
     sft_cfg = {k: getattr(cfg, k) for k in SFT_FIELDS}
     template = tfm.init_params(jax.random.PRNGKey(cfg.sft_seed), mcfg)
     if distributed.checkpoint_exists(ckpt):
@@ -92,7 +109,7 @@ def supervised_start(cfg: Config, mcfg, tok, task, held, train) -> tuple:
     comps[np.arange(len(train)), clens] = tok.eos_id  # solution then EOS (fits: max_new_tokens >= 12)
     clens = clens + 1
     data = grpo_mod.build_batch(prompts, plens, comps, clens, np.zeros(len(train)), None)
-    fn = grpo_mod.transformer_logprob_fn(mcfg)
+    fn = grpo_mod.transformer_logprob_fn(mcfg, last=cfg.max_new_tokens)  # the LM head at the answer positions only
     opt = optax.adam(cfg.sft_lr)
 
     @jax.jit
@@ -121,6 +138,34 @@ def supervised_start(cfg: Config, mcfg, tok, task, held, train) -> tuple:
             "num_params": tfm.num_params(params)}
     distributed.save_checkpoint(ckpt, params, meta)
     return params, acc, meta
+
+
+def heldout_nll(cfg, params, mcfg, tok, task, held) -> float:
+    """Nats per token of the solver's solutions (+ EOS) of the held-out problems given their
+    prompts: the base model's supervised distribution, the 'plain text' whose loss tells
+    forgetting on countdown-mini."""
+    texts = [task.prompt(e) + solution(cfg, e) for e in held]
+    width = PROMPT_LEN + cfg.max_new_tokens
+    ids, lens = tok.encode_batch(texts, length=width - 1)
+    ids = np.concatenate([ids, np.full((len(ids), 1), tok.eos_id, np.int32)], axis=1)  # left padding stays valid
+    context = np.asarray([len(task.prompt(e)) for e in held], np.int32)  # the prompt is context, not scored
+    return forgetting.mean_token_nll(params, mcfg, ids, lens + 1, context=context)
+
+
+def measure(cfg, setup, params) -> dict:
+    """End-of-fine-tune measurements (result.json "measures"): Pass@1..Pass@K on the held-out
+    problems (pass_k samples at pass_k_temperature), the held-out solution NLL before / after,
+    and the drift ||theta - theta_0||."""
+    s = setup
+    out = {**forgetting.drift(params, s.params0),
+           "heldout_nll": heldout_nll(cfg, params, s.mcfg, s.tok, s.task, s.held),
+           "heldout_nll_start": heldout_nll(cfg, s.params0, s.mcfg, s.tok, s.task, s.held)}
+    if cfg.pass_k:
+        cov = forgetting.coverage(params, s.mcfg, s.tok, s.task, s.held, prompt_len=PROMPT_LEN,
+                                  max_new_tokens=cfg.max_new_tokens, samples=cfg.pass_k,
+                                  temperature=cfg.pass_k_temperature, key=jax.random.PRNGKey(cfg.seed))
+        out.update({k: v for k, v in cov.items() if k.startswith("pass@")})
+    return {"measures": out}
 
 
 def held_out_accuracy(cfg, params, mcfg, tok, task, held) -> float:

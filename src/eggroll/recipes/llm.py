@@ -46,13 +46,15 @@ from .. import distributed, harness
 from ..baselines.grpo import check_data_parallel, grpo_finetuner
 from ..config import OPTIMIZERS, flag
 from ..tasks.diagnostics import NoSignalMonitor
-from ..tasks.finetune import es_finetuner, evaluate_accuracy, llm_kinds
+from ..tasks import forgetting
+from ..tasks.finetune import COMPUTE_DTYPES as DTYPES, es_finetuner, evaluate_accuracy
+from ..tasks.param_groups import group_kinds, group_mask, llm_kinds, masked_optimizer, parse_groups
 from ..tasks.reasoning import CountdownSpec, countdown_task, gsm8k_examples, gsm8k_task
 
 TRAJECTORY_FIELDS = ("model", "task", "strategy", "seed", "population", "prompts", "sigma", "rank", "lr",
                      "optimizer", "group_size", "temperature", "clip_eps", "kl_coef", "minibatches",
                      "max_new_tokens", "max_prompt_tokens", "template", "chat", "perturb_embeddings",
-                     "perturb_head", "countdown_numbers", "data_path")
+                     "perturb_head", "countdown_numbers", "data_path", "train_params", "compute_dtype", "anchor_decay")
 
 LLM_OPTIMIZERS = ("adam", "sgd")  # of config.OPTIMIZERS
 
@@ -74,8 +76,10 @@ class Config(harness.RunConfig):  # generations (= steps), eval_every, seed, run
     sigma: float = _arg(1e-3, "EGGROLL noise scale")
     rank: int = _arg(1, "EGGROLL perturbation rank")
     perturb_embeddings: bool = _arg(False, "EGGROLL: low-rank noise on the embedding table")
-    perturb_head: bool = _arg(False, "EGGROLL: low-rank noise on the LM head")
-    max_rows: int = _arg(0, "EGGROLL: each process generates at most this many rows at once (0: all its rows)")
+    perturb_head: bool = _arg(False, "EGGROLL: low-rank noise on the LM head (tied embeddings: the embedding table, "
+                              "which is the head)")
+    anchor_decay: float = _arg(0.0, "EGGROLL: each generation theta <- theta - decay * (theta - theta_0) (0: off)")
+    max_rows: int = _arg(0, "each process generates at most this many rows at once (0: all its rows)")
     # GRPO
     group_size: int = _arg(8, "GRPO samples per prompt")
     temperature: float = _arg(1.0, "GRPO sampling temperature")
@@ -83,6 +87,14 @@ class Config(harness.RunConfig):  # generations (= steps), eval_every, seed, run
     kl_coef: float = _arg(0.0, "GRPO KL coefficient (reference: the starting checkpoint)")
     minibatches: int = _arg(1, "GRPO minibatches per update")
     # shared
+    train_params: str = _arg("", "parameter groups BOTH methods train: all, or a comma list of matrices, embeddings, "
+                             "head, vectors (empty: EGGROLL per --perturb-*, GRPO all)")
+    compute_dtype: str = _arg("float32", "dtype of generation and of GRPO's forward (masters stay float32)",
+                              ("float32", "bfloat16"))
+    heldout_text: str = _arg("", "plain-text file (one document per line): its loss before / after fine-tuning")
+    heldout_lines: int = _arg(256, "lines of --heldout-text scored (each cut to --max-prompt-tokens tokens)")
+    pass_k: int = _arg(0, "at the end: samples per validation problem for Pass@1..Pass@K (0: skip)")
+    pass_k_temperature: float = _arg(1.0, "sampling temperature of the Pass@K samples")
     lr: float = _arg(1e-4, "learning rate")
     optimizer: str = _arg("adam", "optax optimizer", LLM_OPTIMIZERS)
     countdown_numbers: str = _arg("3,4", "countdown: min,max numbers per problem")
@@ -112,6 +124,12 @@ def validate(cfg: Config) -> Config:
     need(cfg.sigma > 0 and cfg.lr > 0 and cfg.temperature > 0, "sigma, lr and temperature must be > 0")
     need(cfg.optimizer in LLM_OPTIMIZERS, f"optimizer must be adam or sgd, got {cfg.optimizer!r}")
     need(cfg.minibatches >= 1 and cfg.max_rows >= 0, "minibatches must be >= 1 and max_rows >= 0")
+    need(0 <= cfg.anchor_decay < 1, f"anchor_decay must be in [0, 1), got {cfg.anchor_decay}")
+    need(cfg.compute_dtype in DTYPES, f"compute_dtype must be float32 or bfloat16, got {cfg.compute_dtype!r}")
+    need(cfg.pass_k >= 0 and cfg.pass_k_temperature > 0 and cfg.heldout_lines >= 1,
+         "pass_k must be >= 0, pass_k_temperature > 0, heldout_lines >= 1")
+    if cfg.train_params:
+        parse_groups(cfg.train_params)
     _ = countdown_sizes(cfg)
     harness.check_run_config(cfg)
     if cfg.strategy == "eggroll":
@@ -130,14 +148,22 @@ def countdown_sizes(cfg: Config) -> tuple[int, int]:
 
 
 class HFTokenizer:
-    """Adapter: tokenizers.Tokenizer -> the interface of eggroll.tasks.finetune."""
+    """Adapter: tokenizers.Tokenizer -> the interface of eggroll.tasks.finetune.
 
-    def __init__(self, tok, eos_ids, chat_template=None):
+    BOS per model family (`hf.special_tokens`): with add_bos every row starts with one bos_id
+    (Llama-3: <|begin_of_text|>), whether the text is plain or a rendered chat template that
+    already begins with it (never twice); Qwen has no BOS. Texts are encoded without the
+    tokenizer's post-processor (add_special_tokens=False), so nothing else is added."""
+
+    def __init__(self, tok, eos_ids, chat_template=None, *, bos_id=None, add_bos: bool = False):
         if tok is None:
             raise FileNotFoundError("the checkpoint has no tokenizer.json; the llm recipe needs one")
         if not eos_ids:
             raise ValueError("the checkpoint names no EOS token (config / generation_config / tokenizer_config)")
+        if add_bos and bos_id is None:
+            raise ValueError("add_bos needs the checkpoint's bos_id (tokenizer_config bos_token)")
         self.tok, self.eos_ids, self.chat_template = tok, tuple(eos_ids), chat_template
+        self.bos = [int(bos_id)] if add_bos else []
         self.pad_id = int(self.eos_ids[0])
         self.truncated = 0
 
@@ -145,8 +171,9 @@ class HFTokenizer:
         ids = np.full((len(texts), length), self.pad_id, np.int32)
         lengths = np.zeros(len(texts), np.int32)
         for i, enc in enumerate(self.tok.encode_batch(list(texts), add_special_tokens=False)):
-            row = enc.ids[-length:]
-            self.truncated += len(enc.ids) > length
+            body = enc.ids[1:] if self.bos and enc.ids[:1] == self.bos else enc.ids
+            row = self.bos + body[-(length - len(self.bos)):] if length > len(self.bos) else self.bos[:length]
+            self.truncated += len(self.bos) + len(body) > length
             lengths[i] = len(row)
             if row:
                 ids[i, length - len(row):] = row
@@ -161,7 +188,7 @@ class HFTokenizer:
         return self.tok.decode(out, skip_special_tokens=True)
 
 
-def make_task(cfg: Config, chat_template):
+def make_task(cfg: Config, chat_template, special: dict | None = None):
     if cfg.task == "countdown":
         lo, hi = countdown_sizes(cfg)
         task = countdown_task(CountdownSpec(min_numbers=lo, max_numbers=hi), **({"template": cfg.template} if cfg.template else {}))
@@ -173,8 +200,8 @@ def make_task(cfg: Config, chat_template):
     if cfg.chat:
         from ..models.hf import apply_chat_template
 
-        base = task.prompt
-        task.prompt = lambda ex: apply_chat_template(chat_template, [{"role": "user", "content": base(ex)}])
+        base, marks = task.prompt, {k: (special or {}).get(k, "") for k in ("bos_token", "eos_token")}
+        task.prompt = lambda ex: apply_chat_template(chat_template, [{"role": "user", "content": base(ex)}], **marks)
     return task, val
 
 
@@ -184,16 +211,40 @@ def step_examples(task, cfg: Config, step: int) -> list:
 
 
 def make_finetuner(cfg: Config, mcfg, tok, task, params):
+    """The fine-tuner of cfg.strategy on the parameter groups of --train-params (both methods
+    the same set), or each method's default (EGGROLL: matrices + --perturb-embeddings /
+    --perturb-head; tied: the head is the embedding table; GRPO: everything)."""
     opt = OPTIMIZERS[cfg.optimizer](cfg.lr)
+    groups = parse_groups(cfg.train_params) if cfg.train_params else None
+    dtype = DTYPES[cfg.compute_dtype]
     if cfg.strategy == "eggroll":
+        kinds = (group_kinds(params, groups) if groups else
+                 llm_kinds(embeddings=cfg.perturb_embeddings, head=cfg.perturb_head, tied=mcfg.tie_embeddings))
         return es_finetuner(mcfg, tok, task, opt, population=cfg.population, sigma=cfg.sigma, rank=cfg.rank,
-                            kinds=llm_kinds(embeddings=cfg.perturb_embeddings, head=cfg.perturb_head),
-                            prompt_len=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
-                            max_rows=cfg.max_rows or None)
-    return grpo_finetuner(mcfg, tok, task, opt, group_size=cfg.group_size, prompt_len=cfg.max_prompt_tokens,
+                            kinds=kinds, prompt_len=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
+                            max_rows=cfg.max_rows or None, compute_dtype=dtype, anchor_decay=cfg.anchor_decay)
+    return grpo_finetuner(mcfg, tok, task, masked_optimizer(opt, group_mask(params, groups)) if groups else opt,
+                          group_size=cfg.group_size, prompt_len=cfg.max_prompt_tokens,
                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, clip_eps=cfg.clip_eps,
                           kl_coef=cfg.kl_coef, ref_params=params if cfg.kl_coef else None,
-                          minibatches=cfg.minibatches)
+                          minibatches=cfg.minibatches, compute_dtype=dtype, max_rows=cfg.max_rows or None)
+
+
+def measure(cfg: Config, pre, tok, task, val, params) -> dict:
+    """End-of-run measurements (result.json "measures"): drift ||theta - theta_0||, the loss of
+    --heldout-text before / after, Pass@1..Pass@K on the validation problems (--pass-k)."""
+    out = forgetting.drift(params, pre.params)
+    if cfg.heldout_text:
+        lines = [ln for ln in Path(cfg.heldout_text).read_text().splitlines() if ln.strip()][:cfg.heldout_lines]
+        ids, lens = tok.encode_batch(lines, length=cfg.max_prompt_tokens)
+        out["heldout_nll"] = forgetting.mean_token_nll(params, pre.cfg, ids, lens)
+        out["heldout_nll_start"] = forgetting.mean_token_nll(pre.params, pre.cfg, ids, lens)
+    if cfg.pass_k:
+        cov = forgetting.coverage(params, pre.cfg, tok, task, val, prompt_len=cfg.max_prompt_tokens,
+                                  max_new_tokens=cfg.max_new_tokens, samples=cfg.pass_k,
+                                  temperature=cfg.pass_k_temperature, key=jax.random.PRNGKey(cfg.seed), batch=64)
+        out.update({k: v for k, v in cov.items() if k.startswith("pass@")})
+    return {"measures": out}
 
 
 def make_train(cfg: Config) -> harness.Train:
@@ -203,8 +254,11 @@ def make_train(cfg: Config) -> harness.Train:
     from ..models.hf import load_pretrained
 
     pre = load_pretrained(cfg.model)
-    tok = HFTokenizer(pre.tokenizer, pre.eos_ids, pre.chat_template)
-    task, val = make_task(cfg, pre.chat_template)
+    if cfg.heldout_text and not Path(cfg.heldout_text).is_file():
+        raise FileNotFoundError(f"--heldout-text {cfg.heldout_text!r} is not a file")
+    tok = HFTokenizer(pre.tokenizer, pre.eos_ids, pre.chat_template, bos_id=pre.special.get("bos_id"),
+                      add_bos=pre.special.get("add_bos", False))
+    task, val = make_task(cfg, pre.chat_template, pre.special)
     ft = make_finetuner(cfg, pre.cfg, tok, task, pre.params)
     key = jax.random.PRNGKey(cfg.seed)
     if cfg.strategy == "eggroll":
@@ -237,7 +291,7 @@ def make_train(cfg: Config) -> harness.Train:
             save_pretrained(str(Path(cfg.run_dir or f"runs/{name}") / "hf"), jax.device_get(state.params), pre.cfg,
                             source=pre.path)
         return {"val_accuracy": result["val_accuracy"], "steps": result["generations"], "task": cfg.task,
-                "strategy": cfg.strategy, "model": cfg.model}
+                "strategy": cfg.strategy, "model": cfg.model, **measure(cfg, pre, tok, task, val, state.params)}
 
     return harness.Train(
         name=name, init=init, step=step, evaluate=evaluate, trajectory=TRAJECTORY_FIELDS,

@@ -17,7 +17,9 @@ expression over the drawn numbers fixes the target, so every problem is solvable
 come from reasoning-gym itself when it is installed (`source="reasoning_gym"`), otherwise from
 our own generator (`source="builtin"`) with the same rules; scoring is always ours (exact
 rational arithmetic over a parsed AST, no eval). `solve_countdown` is a brute-force solver
-(supervised data for countdown-mini, and tests).
+(supervised data for countdown-mini, and tests); `countdown_trace` writes a solver answer out
+as a worked trace (each operation, the numbers left, a check) and `trace_answer` reads its
+final expression back.
 
 GSM8K (tasks/gsm8k.py, re-exported here). Grade-school maths word problems; the reference answer follows "####".
 `gsm8k_examples` loads them with Hugging Face `datasets` (or from a local JSONL file); the
@@ -143,6 +145,48 @@ def solve_countdown(numbers: Sequence[int], target: int, *, use_all: bool = True
         return None
 
     return search(tuple((Fraction(x), str(x), 3) for x in numbers))
+
+
+def _fmt(v: Fraction) -> str:
+    return str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
+
+
+def countdown_trace(numbers: Sequence[int], target: int, expr: str) -> str:
+    """A worked solution of `expr` (e.g. a `solve_countdown` answer): each operation in
+    evaluation order with its value and the numbers left, a check, then "answer <expr>", e.g.
+    "3 * 5 = 15 ; left 7 15 ; 15 + 7 = 22 ; left 22 ; check 3*5+7 = 22 ; answer 3*5+7". The
+    reward still reads only the expression after the last "answer" (`trace_answer`)."""
+    left, steps = [Fraction(n) for n in numbers], []
+    ops = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+    def ev(node) -> Fraction:
+        if isinstance(node, ast.Constant):
+            return Fraction(node.value)
+        if not isinstance(node, ast.BinOp) or type(node.op) not in ops:
+            raise ValueError(f"countdown_trace: {expr!r} is not a binary arithmetic expression over the numbers")
+        a, b = ev(node.left), ev(node.right)
+        op = ops[type(node.op)]
+        v = _apply(op, a, b)
+        if v is None:
+            raise ValueError(f"countdown_trace: {expr!r} divides by zero")
+        left.remove(a)
+        left.remove(b)
+        left.append(v)
+        steps.append(f"{_fmt(a)} {op} {_fmt(b)} = {_fmt(v)} ; left {' '.join(_fmt(x) for x in left)} ;")
+        return v
+
+    compact = expr.replace(" ", "")
+    value = ev(ast.parse(compact, mode="eval").body)
+    if value != target:
+        raise ValueError(f"countdown_trace: {expr!r} = {_fmt(value)}, not {target}")
+    return " ".join(steps + [f"check {compact} = {_fmt(value)} ;", f"answer {compact}"])
+
+
+def trace_answer(completion: str) -> str | None:
+    """The expression after the last "answer" of a traced completion (None if there is none)."""
+    if "answer" not in completion:
+        return None
+    return completion.rsplit("answer", 1)[1].strip() or None
 
 
 _ALLOWED_CHARS = re.compile(r"^[\d+\-*/().\s]+$")
