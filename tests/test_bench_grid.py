@@ -18,7 +18,8 @@ def test_chunk_is_fixed_in_population_and_big_points_are_skipped():
             assert len(chunks) == 1, (w, r, chunks)  # same chunk: memory flat in population
     assert plans[(256, 256, 1)]["skip"] is None and plans[(256, 256, 1)]["skip_t"] is None
     assert "GFLOP" in plans[(4096, 32768, 1)]["skip"]
-    assert plans[(1024, 32768, 1)]["skip"] is None and "GFLOP" in plans[(1024, 32768, 1)]["skip_t"]
+    assert "GFLOP" in plans[(1024, 32768, 1)]["skip"]
+    assert plans[(1024, 4096, 1)]["skip"] is None and "GFLOP" in plans[(1024, 4096, 1)]["skip_t"]
     with pytest.raises(ValueError, match="grid-dtypes"):
         grid_points(Config(grid_dtypes="float16"))
     with pytest.raises(ValueError, match="comma-separated"):
@@ -28,7 +29,7 @@ def test_chunk_is_fixed_in_population_and_big_points_are_skipped():
 def test_tiny_grid_runs_records_and_resumes(tmp_path, capsys):
     out = tmp_path / "grid.jsonl"
     cfg = Config(grid=True, grid_widths="8", grid_populations="8", grid_ranks="1", grid_dtypes="float32",
-                 layers=1, tokens=2, reps=1, inner=1, reps_t=1, warmup=0, grid_out=str(out))
+                 layers=1, tokens=2, grid_reps=1, grid_inner=1, warmup=0, grid_out=str(out))
     summary = run_grid(cfg)
     assert summary["measured"] == 1 and summary["errors"] == 0
     rec = json.loads(out.read_text().splitlines()[0])

@@ -104,8 +104,12 @@ class Config:
     grid_ranks: str = dataclasses.field(default="1,4", metadata={"help": "grid: ranks"})
     grid_dtypes: str = dataclasses.field(default="float32,bfloat16", metadata={"help": "grid: dtypes"})
     grid_mem_gib: float = dataclasses.field(default=8.0, metadata={"help": "grid: skip points estimated above this"})
-    grid_max_gflop: float = dataclasses.field(default=250.0, metadata={
-        "help": "grid: skip a point (or its T-input part) whose one call does more matmul GFLOP than this"})
+    grid_reps: int = dataclasses.field(default=6, metadata={"help": "grid: --reps of each point (--reps-t: half)"})
+    grid_inner: int = dataclasses.field(default=2, metadata={"help": "grid: --inner of each point"})
+    grid_max_gflop: float = dataclasses.field(default=100.0, metadata={
+        "help": "grid: skip a point whose one-input call does more matmul GFLOP than this"})
+    grid_max_gflop_t: float = dataclasses.field(default=200.0, metadata={
+        "help": "grid: skip a point's T-input part when its one call does more matmul GFLOP than this"})
     grid_timeout: int = dataclasses.field(default=1800, metadata={"help": "grid: seconds per point"})
     grid_out: str = dataclasses.field(default="throughput_grid.jsonl", metadata={
         "help": "grid: JSON-lines file of the records (points already in it are not rerun)"})

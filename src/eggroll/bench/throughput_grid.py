@@ -5,7 +5,7 @@ Each point runs `eggroll bench throughput` in its own process (so its peak RSS i
 evaluate_population's automatic member chunk (at most 512 members): the population work's
 memory does not grow with the population (only the inputs do). A point, or its T-input part, is skipped and says why when its estimated memory
 exceeds `grid_mem_gib` or one call's estimated matmul work exceeds `grid_max_gflop` (on a 2-core
-CPU the widest points would take hours). Records are appended to `grid_out` as JSON lines and a
+CPU the widest points would take hours; `grid_max_gflop_t` for the T-input part). Records are appended to `grid_out` as JSON lines and a
 rerun skips the points already there (resumable); the last line printed is a summary.
 
     eggroll bench throughput --grid                                   # the whole grid
@@ -62,26 +62,27 @@ def plan_point(cfg, p: dict) -> dict:
     plan = {"chunk": chunk, "chunk_t": min(chunk, largest_divisor_at_most(n, cfg.chunk_t or n)),
             "gflop_per_call": round(gflop_1, 2), "est_mem_gib": round(mem_1 / (1 << 30), 2), "skip": None,
             "skip_t": None}
-    plan["skip"] = _over_budget(cfg, mem_1, gflop_1)
-    plan["skip_t"] = None if plan["skip"] else _over_budget(cfg, mem_t, gflop_1 * cfg.tokens)
+    plan["skip"] = _over_budget(cfg, mem_1, gflop_1, cfg.grid_max_gflop, "--grid-max-gflop")
+    plan["skip_t"] = None if plan["skip"] else _over_budget(cfg, mem_t, gflop_1 * cfg.tokens, cfg.grid_max_gflop_t,
+                                                            "--grid-max-gflop-t")
     return plan
 
 
-def _over_budget(cfg, mem_bytes: float, gflop: float) -> str | None:
+def _over_budget(cfg, mem_bytes: float, gflop: float, max_gflop: float, flag: str) -> str | None:
     """Why a part does not fit this machine's grid budget, or None."""
     why = []
     if mem_bytes > cfg.grid_mem_gib * (1 << 30):
         why.append(f"~{mem_bytes / (1 << 30):.1f} GiB > --grid-mem-gib {cfg.grid_mem_gib}")
-    if gflop > cfg.grid_max_gflop:
-        why.append(f"{gflop:.3g} GFLOP per call > --grid-max-gflop {cfg.grid_max_gflop}")
+    if gflop > max_gflop:
+        why.append(f"{gflop:.3g} GFLOP per call > {flag} {max_gflop}")
     return "; ".join(why) or None
 
 
 def _point_flags(cfg, p: dict, plan: dict) -> list[str]:
     flags = ["--width", p["width"], "--population", p["population"], "--rank", p["rank"], "--dtype", p["dtype"],
              "--layers", cfg.layers, "--chunk", plan["chunk"], "--chunk-t", plan["chunk_t"],
-             "--tokens", 0 if plan["skip_t"] else cfg.tokens, "--reps", cfg.reps, "--inner", cfg.inner,
-             "--reps-t", cfg.reps_t, "--warmup", cfg.warmup, "--no-openes", "--seed", cfg.seed,
+             "--tokens", 0 if plan["skip_t"] else cfg.tokens, "--reps", cfg.grid_reps, "--inner", cfg.grid_inner,
+             "--reps-t", max(1, cfg.grid_reps // 2), "--warmup", min(cfg.warmup, 2), "--no-openes", "--seed", cfg.seed,
              "--noise-source", cfg.noise_source]
     return [str(f) for f in flags]
 
