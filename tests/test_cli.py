@@ -35,3 +35,22 @@ def test_hidden_sizes():
     for bad in ("", "0", "a,b", (1.5,), 0, ()):
         with pytest.raises(ValueError, match="hidden"):
             hidden_sizes(bad)
+
+
+def test_flag_args_round_trip_through_the_flags():
+    """The flags a search prints parse back to the same Config values (booleans as switches)."""
+    import argparse
+    import dataclasses
+
+    from eggroll.config import add_dataclass_flags, flag, flag_args, parse_config
+
+    @dataclasses.dataclass
+    class C:
+        lr: float = flag(0.1, "learning rate")
+        obs_norm: bool = flag(True, "normalise observations")
+        hidden: str = flag("64,64", "hidden sizes")
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, C)
+    values = {"lr": 0.025, "obs_norm": False, "hidden": "32"}
+    assert dataclasses.asdict(parse_config(parser, C, flag_args(values))) == values

@@ -303,9 +303,9 @@ def _state_arrays(run_dir, seeds):
 def test_resume_continues_interrupted_seeds_exactly_and_skips_finished(tmp_path, capsys, strategy):
     """Seeds stopped by the time limit at generation 0 continue to equal an uninterrupted run; a
     second --resume finds them finished and trains nothing; a changed hyperparameter is refused."""
+    own = dict(num_envs=4, rollout_len=8, minibatches=2) if strategy == "ppo" else dict(population=8)
     kw = dict(env="CartPole-v1", strategy=strategy, seeds=2, generations=4, budget_steps=10**6, hidden="8",
-              population=8, num_envs=4, rollout_len=8, minibatches=2, eval_every=2, eval_episodes=2, max_steps=30,
-              progress=False)
+              eval_every=2, eval_episodes=2, max_steps=30, progress=False, **own)
     ref = recipe.run(recipe.Config(run_dir=str(tmp_path / "ref"), **kw))
     run = tmp_path / "run"
     cut = recipe.run(recipe.Config(run_dir=str(run), time_limit=1e-9, **kw))

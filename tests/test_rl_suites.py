@@ -19,6 +19,9 @@ CASES = [  # name, module, (obs_size, num_outputs, discrete, num_agents), slow
     ("MPE_simple_reference_v3", "jaxmarl", (21 + 2, 50, True, 2), True),
     ("brax/inverted_double_pendulum", "brax", (8, 1, False, 1), True),
     ("Craftax-Classic-Symbolic-v1", "craftax", (1345, 17, True, 1), True),
+    # the paper's Thrust Control Left; kinetix: `pip install "eggroll-jax[kinetix]"` then
+    # `pip install --no-deps kinetix-env==3.0.2` (docs/RL.md)
+    ("kinetix/m/h17_thrustcontrol_left", "kinetix", (247, 6, False, 1), True),
 ]
 
 
@@ -71,3 +74,35 @@ def test_jumanji_one_hot_board_and_action_mask():
     want[np.arange(16), cells] = 1.0
     np.testing.assert_array_equal(np.asarray(ts.obs).reshape(16, 16), want)
     assert ts.legal.dtype == jnp.bool_ and ts.legal.shape == (1, 4)
+
+
+def test_kinetix_guard_checks_jax2d_not_jax(monkeypatch):
+    """On jax >= 0.10 Kinetix needs jax2d >= 1.0.2 (1.0.1 calls the removed jnp.clip(a_max=)):
+    the guard reads jax2d's version, whatever kinetix-env itself pins."""
+    import importlib.metadata as md
+
+    from eggroll.tasks import rl_suites
+
+    versions = {}
+
+    def version(name):
+        if name not in versions:
+            raise md.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(md, "version", version)
+    assert "not installed" in rl_suites._jax2d_ok()
+    versions["jax2d"] = "1.0.2"
+    assert rl_suites._jax2d_ok() is None
+    versions["jax2d"] = "1.0.1"
+    problem = rl_suites._jax2d_ok()
+    if tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 10):
+        assert "jax2d 1.0.1" in problem and "a_max" in problem
+    else:
+        assert problem is None
+
+
+def test_kinetix_unknown_level_is_a_value_error():
+    pytest.importorskip("kinetix")
+    with pytest.raises(ValueError, match="no_such_level"):
+        rl.make_env("kinetix/m/no_such_level")

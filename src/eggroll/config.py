@@ -86,11 +86,16 @@ def config_from_flags(mod, flags: str, **fixed):
 
 
 def flag_args(values: Mapping) -> list[str]:
-    """Command-line flags for Config field values: {"lr": 0.1} -> ["--lr", "0.1"] (the inverse
-    of the flags `add_dataclass_flags` makes; searches print commands that reproduce a trial)."""
+    """Command-line flags for Config field values: {"lr": 0.1, "obs_norm": False} -> ["--lr", "0.1",
+    "--no-obs-norm"] (the flags `add_dataclass_flags` makes; searches print commands that reproduce
+    a trial)."""
     out: list[str] = []
     for k, v in values.items():
-        out += [f"--{k.replace('_', '-')}", str(v)]
+        name = k.replace("_", "-")
+        if isinstance(v, bool):  # booleans are switches: --x / --no-x
+            out.append(f"--{name}" if v else f"--no-{name}")
+        else:
+            out += [f"--{name}", str(v)]
     return out
 
 

@@ -3,11 +3,15 @@
 One update = one jitted call: `num_envs` environments step `rollout_len` times (lax.scan, vmap over
 environments), advantages by GAE(gamma, lambda), then `ppo_epochs` x `minibatches` Adam steps on
 
-    L = -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + vf_coef * (V - R)^2 / 2 - ent_coef * H,
+    L = -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + vf_coef * max((V - R)^2, (V_clip - R)^2) / 2 - ent_coef * H,
 
-rho = pi(a|s) / pi_old(a|s), advantages normalised per minibatch, gradients clipped to
-max_grad_norm. Actor and critic are separate MLPs (models/mlp.py) with the ES policy's sizes and
-activation. Discrete: a categorical over the legal logits. Continuous: a Gaussian around
+rho = pi(a|s) / pi_old(a|s), V_clip = V_old + clip(V - V_old, -eps, eps) (clip_vloss; else the
+plain (V - R)^2), advantages normalised per minibatch, gradients clipped to max_grad_norm, the
+learning rate annealed linearly to 0 over the run's budget (anneal_lr; CleanRL's and PureJaxRL's
+defaults). Actor and critic are separate MLPs (models/mlp.py) with the ES policy's sizes and
+activation, initialised orthogonally (gain sqrt 2; the actor's last layer 0.01, the critic's 1;
+zero biases) as CleanRL does. obs_norm: the policy sees observations normalised by running
+statistics (tasks.rl.ObsStats), updated from each rollout's observations after the update. Discrete: a categorical over the legal logits. Continuous: a Gaussian around
 tanh(actor(obs)) with a learned state-independent log std; the env receives the sample clipped to
 [-1, 1]. The deterministic evaluation policy is argmax / tanh(actor(obs)) -- the same map the ES
 policies use, so eval returns compare like for like. MPE: agents share the actor and critic
@@ -24,9 +28,12 @@ update so the state stays replicated (what the checkpoint needs). One device: no
 single-device algorithm. `update_communication` measures the bytes of one update, loops counted
 as often as they run (distributed.communication does).
 
+Environments that reset themselves inside `step` (Env.auto_reset) are only reset here when the
+horizon cuts an episode; the others when an episode ends; the batched reset runs (lax.cond) only
+on the steps where some environment needs it.
+
 Simplifications (stated, not hidden): episodes cut by the rollout horizon are treated as terminal
-(no value bootstrap at truncation); no observation or reward normalisation (the ES runs have none
-either); constant learning rate.
+(no value bootstrap at truncation); no reward normalisation.
 
 Why our own PPO rather than rejax (which installs beside jax 0.10.2): rejax wants a gymnax
 environment object and runs the whole training budget as one jitted call with its own flax
@@ -48,7 +55,7 @@ from jax.sharding import PartitionSpec as P
 
 from .. import distributed
 from ..distributed.comm import collective_bytes, hlo_communication
-from ..models.mlp import init_mlp, mlp
+from ..models.mlp import mlp
 from ..population import AXIS, device_sum, population_mesh, shard_map_unchecked
 from ..tasks import rl as rlt
 
@@ -61,6 +68,12 @@ class PPOState(NamedTuple):
     t: jax.Array  # (num_envs,) steps into the current episode
     ep_ret: jax.Array  # (num_envs,) running team return
     rng: jax.Array
+    obs_stats: Any  # rlt.ObsStats (unchanged unless obs_norm)
+    progress: jax.Array  # rlt.progress_init(): the budget spent (the learning rate anneals with it)
+
+
+def _policy_obs(c, s, obs):
+    return rlt.normalize_obs(s.obs_stats, obs) if c.hp.get("obs_norm") else obs
 
 
 def _dist(env, params, obs, legal, activation):
@@ -119,6 +132,7 @@ class _Setup(NamedTuple):
     devices: int  # D: every device of every process
     n_envs: int  # E, over all devices
     local: int  # E / D: the environments of one device
+    budget_steps: int = 1  # the env-step budget the learning rate anneals over
 
 
 def _reductions(c: _Setup):
@@ -136,35 +150,52 @@ def _reductions(c: _Setup):
     return gsum, lambda x: x.sum() / (x.size * c.devices)
 
 
+def init_orthogonal(key, sizes, last_gain: float):
+    """An MLP (models/mlp.py layout) with orthogonal weights, gain sqrt(2) on the hidden layers
+    and `last_gain` on the last, zero biases (CleanRL's layer_init)."""
+    keys = jax.random.split(key, len(sizes) - 1)
+    gains = [math.sqrt(2.0)] * (len(sizes) - 2) + [last_gain]
+    return {"layers": [{"w": jax.nn.initializers.orthogonal(g)(k, (n_out, n_in), jnp.float32),
+                        "b": jnp.zeros((n_out,), jnp.float32)}
+                       for k, g, n_in, n_out in zip(keys, gains, sizes[:-1], sizes[1:])]}
+
+
 def _init(c: _Setup, seed):
     ka, kc, ke, kr = jax.random.split(jax.random.PRNGKey(seed), 4)
-    actor = init_mlp(ka, c.sizes)
-    actor["layers"][-1]["w"] = actor["layers"][-1]["w"] * 0.01  # near-uniform initial policy
-    params = {"actor": actor, "critic": init_mlp(kc, (*c.sizes[:-1], 1)),
+    params = {"actor": init_orthogonal(ka, c.sizes, 0.01), "critic": init_orthogonal(kc, (*c.sizes[:-1], 1), 1.0),
               "log_std": jnp.full((c.env.num_outputs,), -0.5, jnp.float32)}  # not weak-typed: steps keep its type
     env_state, ts = jax.vmap(c.env.reset)(jax.random.split(ke, c.n_envs))
     E = c.n_envs
-    return PPOState(params, c.tx.init(params), env_state, ts, jnp.zeros((E,), jnp.int32), jnp.zeros((E,)), kr)
+    return PPOState(params, c.tx.init(params), env_state, ts, jnp.zeros((E,), jnp.int32), jnp.zeros((E,)), kr,
+                    rlt.obs_stats_init(c.env.obs_size), rlt.progress_init())
 
 
 def _env_step(c: _Setup, block, s: PPOState, key):
     """One step of this device's environments; keys are split for all E, `block` keeps ours."""
     env, act, E, El = c.env, c.hp["activation"], c.n_envs, c.local
     k_act, k_step, k_reset = jax.random.split(key, 3)
-    head, log_std, value = _dist(env, s.params, s.ts.obs, s.ts.legal, act)
+    obs = _policy_obs(c, s, s.ts.obs)
+    head, log_std, value = _dist(env, s.params, obs, s.ts.legal, act)
     action = _sample(env, k_act, head, log_std, E, block)
     logp = _log_prob(env, head, log_std, action)
     env_action = action if env.discrete else jnp.clip(action, -1, 1)
     env_state, ts = jax.vmap(env.step)(block(jax.random.split(k_step, E)), s.env_state, env_action)
     t = s.t + 1
-    done = ts.done | (t >= env.horizon)
+    cut = t >= env.horizon
+    done = ts.done | cut
     ep_ret = s.ep_ret + ts.reward.mean(-1)
-    fresh_state, fresh_ts = jax.vmap(env.reset)(block(jax.random.split(k_reset, E)))
-    pick = lambda new, old: jnp.where(done.reshape((El,) + (1,) * (new.ndim - 1)), new, old)
-    env_state = jax.tree_util.tree_map(pick, fresh_state, env_state)
-    next_ts = jax.tree_util.tree_map(pick, fresh_ts, ts)
-    trans = {"obs": s.ts.obs, "legal": s.ts.legal, "action": action, "logp": logp, "value": value,
+    need = (cut & ~ts.done) if env.auto_reset else done  # auto-reset envs restarted themselves at done
+
+    def fresh(pair):
+        fresh_state, fresh_ts = jax.vmap(env.reset)(block(jax.random.split(k_reset, E)))
+        pick = lambda new, old: jnp.where(need.reshape((El,) + (1,) * (new.ndim - 1)), new, old)
+        return jax.tree_util.tree_map(pick, (fresh_state, fresh_ts), pair)
+
+    env_state, next_ts = lax.cond(need.any(), fresh, lambda pair: pair, (env_state, ts))
+    trans = {"obs": obs, "legal": s.ts.legal, "action": action, "logp": logp, "value": value,
              "reward": ts.reward, "done": done, "finished": jnp.where(done, ep_ret, 0.0)}
+    if c.hp.get("obs_norm"):  # the statistics are updated from the raw observations
+        trans["raw_obs"] = s.ts.obs
     s = s._replace(env_state=env_state, ts=next_ts, t=jnp.where(done, 0, t), ep_ret=jnp.where(done, 0.0, ep_ret))
     return s, trans
 
@@ -176,8 +207,13 @@ def _loss(c: _Setup, params, b, adv_stats, mean):
     logp = _log_prob(c.env, head, log_std, b["action"])
     ratio = jnp.exp(logp - b["logp"])
     adv = (b["adv"] - adv_stats[0]) / (adv_stats[1] + 1e-8)
-    pg = -mean(jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - hp["clip_eps"], 1 + hp["clip_eps"]) * adv))
-    vf = 0.5 * mean((value - b["ret"]) ** 2)
+    eps = hp["clip_eps"]
+    pg = -mean(jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - eps, 1 + eps) * adv))
+    err = (value - b["ret"]) ** 2
+    if hp.get("clip_vloss", True):
+        clipped = b["value"] + jnp.clip(value - b["value"], -eps, eps)
+        err = jnp.maximum(err, (clipped - b["ret"]) ** 2)
+    vf = 0.5 * mean(err)
     ent = mean(_entropy(c.env, head, log_std))
     return pg + hp["vf_coef"] * vf - hp["ent_coef"] * ent, (pg, vf, ent)
 
@@ -192,9 +228,16 @@ def _adv_stats(c: _Setup, adv, gsum):
     return mean, jnp.sqrt(jnp.maximum(sq / n - mean * mean, 0.0))
 
 
-def _learn(c: _Setup, params, opt_state, batch, key, dev):
+def lr_scale(c: _Setup, progress):
+    """The learning rate's factor for this update: 1 - the budget spent (anneal_lr), else 1."""
+    return 1.0 - rlt.budget_fraction(progress) if c.hp.get("anneal_lr", True) else jnp.float32(1.0)
+
+
+def _learn(c: _Setup, params, opt_state, batch, key, dev, scale):
     """ppo_epochs x minibatches Adam steps on this device's samples (every device draws its own
-    minibatches; the gradient of the whole minibatch is the sum of the devices' shares)."""
+    minibatches; the gradient of the whole minibatch is the sum of the devices' shares); every
+    step's update is multiplied by `scale` (the annealed learning rate: Adam's update is linear
+    in it)."""
     M = c.hp["minibatches"]
     n = batch["adv"].shape[0]
     mb = n // M
@@ -211,11 +254,22 @@ def _learn(c: _Setup, params, opt_state, batch, key, dev):
             grads, aux = jax.grad(lambda p: _loss(c, p, b, stats, mean), has_aux=True)(params)
             grads, aux = gsum((grads, aux))
             updates, opt_state = c.tx.update(grads, opt_state, params)
+            updates = jax.tree_util.tree_map(lambda u: u * scale, updates)
             return (optax.apply_updates(params, updates), opt_state), aux
 
         return lax.scan(minibatch, carry, perm)
 
     return lax.scan(epoch, (params, opt_state), jax.random.split(key, c.hp["ppo_epochs"]))
+
+
+def _obs_update(c: _Setup, s: PPOState, raw_obs, gsum):
+    """The running observation statistics after this rollout (every device's observations)."""
+    if not c.hp.get("obs_norm"):
+        return s.obs_stats
+    d = raw_obs.reshape(-1, raw_obs.shape[-1]) - s.obs_stats.mean
+    n = d.shape[0] * c.devices
+    s1, s2 = gsum((d.sum(0), (d * d).sum(0)))
+    return rlt.merge_obs_moments(s.obs_stats, n, s1, s2)
 
 
 def _update(c: _Setup, s: PPOState, dev):
@@ -224,43 +278,52 @@ def _update(c: _Setup, s: PPOState, dev):
     block = (lambda x: x) if c.devices == 1 else (lambda x: lax.dynamic_slice_in_dim(x, dev * c.local, c.local))
     rng, k_roll, k_perm = jax.random.split(s.rng, 3)
     s, tr = lax.scan(lambda s, k: _env_step(c, block, s, k), s._replace(rng=rng), jax.random.split(k_roll, T))
-    _, _, last_value = _dist(env, s.params, s.ts.obs, s.ts.legal, hp["activation"])
+    _, _, last_value = _dist(env, s.params, _policy_obs(c, s, s.ts.obs), s.ts.legal, hp["activation"])
     dones = jnp.broadcast_to(tr["done"][..., None], tr["reward"].shape).astype(jnp.float32)
     adv, ret = gae(tr["reward"], tr["value"], dones, last_value, hp["gamma"], hp["gae_lambda"])
     # samples: every (step, env, agent) of this device; (T, E/D, A, ...) -> (T*E/D*A, ...)
     n = T * c.local * env.num_agents
     batch = {k: tr[k].reshape(n, *tr[k].shape[3:]) for k in ("obs", "legal", "action", "logp", "value")}
     batch.update(adv=adv.reshape(n), ret=ret.reshape(n))
-    (params, opt_state), (pg, vf, ent) = _learn(c, s.params, s.opt_state, batch, k_perm, dev)
-    n_done, finished = _reductions(c)[0]((tr["done"].sum(), tr["finished"].sum()))
+    scale = lr_scale(c, s.progress)
+    (params, opt_state), (pg, vf, ent) = _learn(c, s.params, s.opt_state, batch, k_perm, dev, scale)
+    gsum = _reductions(c)[0]
+    n_done, finished = gsum((tr["done"].sum(), tr["finished"].sum()))
     metrics = {"env_steps": jnp.int32(T * c.n_envs), "policy_loss": pg.mean(), "value_loss": vf.mean(),
-               "entropy": ent.mean(), "episodes_done": n_done,
+               "entropy": ent.mean(), "episodes_done": n_done, "lr": hp["ppo_lr"] * scale,
                "train_return": jnp.where(n_done > 0, finished / jnp.maximum(n_done, 1), jnp.nan)}
+    obs_stats = _obs_update(c, s, tr.get("raw_obs"), gsum)
+    progress = rlt.spend(s.progress, T * c.n_envs, c.budget_steps)
     if c.devices > 1:  # every device gets every environment back: the state stays replicated
         gather = lambda x: lax.all_gather(x, AXIS, tiled=True)
         s = s._replace(**{k: jax.tree_util.tree_map(gather, getattr(s, k)) for k in ("env_state", "ts", "t", "ep_ret")})
-    return s._replace(params=params, opt_state=opt_state), metrics
+    return s._replace(params=params, opt_state=opt_state, obs_stats=obs_stats, progress=progress), metrics
 
 
-def make_ppo_trainer(env: rlt.Env, hp: dict, eval_episodes: int, mesh=None) -> rlt.Trainer:
+def make_ppo_trainer(env: rlt.Env, hp: dict, eval_episodes: int, mesh=None, *,
+                     budget_steps: int = 10**9) -> rlt.Trainer:
     """PPO data-parallel over the devices of `mesh` (default: every device of every process):
     each device steps num_envs / D of the environments and learns on their samples; only
-    gradients, a few loss scalars and (once per update) the environments' states cross devices."""
+    gradients, a few loss scalars and (once per update) the environments' states cross devices.
+    The learning rate anneals over budget_steps env steps or the wall clock the caller adds
+    with rlt.spend_time, whichever is spent first."""
     mesh = population_mesh() if mesh is None else mesh
     D = mesh.size
     sizes = rlt.policy_sizes(env, hp["hidden"])
     tx = optax.chain(optax.clip_by_global_norm(hp["max_grad_norm"]), optax.adam(hp["ppo_lr"], eps=1e-5))
-    c = _Setup(env, hp, sizes, tx, D, hp["num_envs"], hp["num_envs"] // D)
+    c = _Setup(env, hp, sizes, tx, D, hp["num_envs"], hp["num_envs"] // D, budget_steps)
     if D == 1:
         update = lambda s: _update(c, s, 0)
     else:
         envs = P(AXIS)  # the environment axis is split over the devices (inputs replicated: a local slice)
-        specs = PPOState(P(), P(), envs, envs, envs, envs, P())
+        specs = PPOState(P(), P(), envs, envs, envs, envs, P(), P(), P())
         update = shard_map_unchecked(lambda s: _update(c, s, lax.axis_index(AXIS)), mesh=mesh, in_specs=(specs,),
                                      out_specs=(P(), P()))
     place = distributed.replicate
     init_jit, update_jit = jax.jit(lambda seed: _init(c, seed)), jax.jit(update)
-    eval_jit = jax.jit(lambda p, k: rlt.evaluate_policy(env, p, k, eval_episodes, hp["activation"]))
+    norm = bool(hp.get("obs_norm"))
+    eval_jit = jax.jit(lambda p, st, k: rlt.evaluate_policy(env, p, k, eval_episodes, hp["activation"],
+                                                            st if norm else None))
     n_params = sum(a * b + a for a, b in zip(sizes[1:], sizes[:-1]))
     measured: dict = {}
 
@@ -272,7 +335,8 @@ def make_ppo_trainer(env: rlt.Env, hp: dict, eval_episodes: int, mesh=None) -> r
 
     return rlt.Trainer(env, lambda seed: place(init_jit(seed)), lambda seed: None,
                        lambda s, ctx=None: update_jit(place(s)),
-                       lambda s, k: eval_jit(place(s.params["actor"]), place(k)), lambda s: s.params, n_params,
+                       lambda s, k: eval_jit(place(s.params["actor"]), place(s.obs_stats), place(k)),
+                       lambda s: s.params, n_params,
                        communication)
 
 

@@ -13,8 +13,15 @@ jaxmarl MPE, or a "module:function" factory returning an Env). The policy is an 
 ES (eggroll / open_es): one jitted call per generation. Every member plays `episodes` episodes
 with the deterministic policy of params + sigma * E_m; all members play the same start states
 (common random numbers); fitness = mean return; es.tell -> optax (adam / adamw / sgd) with the
-learning rate decayed linearly to lr * lr_decay over the generations the budget allows.
-PPO: eggroll.baselines.ppo on the same adapters and the same MLP sizes.
+learning rate decayed linearly to lr * lr_decay as the budget is spent: the factor of generation
+g is 1 - (1 - lr_decay) * f, f the larger fraction spent before g of the env-step budget and of
+the training wall clock (`budget_wall_s`, if set), so the decay ends where the run does,
+whichever budget stops it and however short its episodes are (`generations` is only a cap: a
+resumed run may raise it).
+PPO: eggroll.baselines.ppo on the same adapters and the same MLP sizes; its learning rate
+anneals to 0 over the same fraction (`--anneal-lr`, default on). `--obs-norm`: every method's
+policy sees observations normalised by running statistics (tasks.rl.ObsStats; ES: updated from
+every member's observations after each generation; PPO: from each rollout), part of the state.
 
 Each seed is one run of the harness (eggroll.harness) in run_dir/seed<k> (metrics.jsonl,
 curve.png, config.json, result.json, checkpoint/): it trains until `budget_steps` env steps (or
@@ -22,7 +29,8 @@ curve.png, config.json, result.json, checkpoint/): it trains until `budget_steps
 `eval_every` generations the deterministic unperturbed policy plays `eval_episodes` fresh
 episodes (eval_return). One compile serves all seeds (the seed and the ES noise context are jit
 arguments). `--resume` continues an interrupted seed exactly (the checkpoint holds the whole
-state: params, optimizer, ES state or PPO environments, keys) and skips the finished ones.
+state: params, optimizer, ES state or PPO environments, observation statistics, budget
+progress, keys) and skips the finished ones.
 run_dir/config.json and run_dir/result.json sum the seeds up. The final JSON: env, strategy,
 mean_return (mean over seeds of the final eval return), stderr (over seeds), wall_s (mean per
 seed of the training wall clock: set-up and compilation are done once before the seeds and
@@ -62,12 +70,16 @@ from .rl_presets import DEFAULTS, PRESETS, canonical, preset_key, resolve  # noq
 
 METHODS = ("eggroll", "open_es", "ppo")
 
-# Config fields that change one seed's training (compared through the presets on --resume).
-ES_TRAJECTORY = ("env", "strategy", "budget_steps", "population", "sigma", "rank", "lr", "lr_decay", "optimizer",
-                 "hidden", "activation", "shaping", "episodes", "max_steps", "eval_episodes", "seed")
-PPO_TRAJECTORY = ("env", "strategy", "hidden", "activation", "max_steps", "ppo_lr", "num_envs", "rollout_len",
-                  "ppo_epochs", "minibatches", "gamma", "gae_lambda", "clip_eps", "ent_coef", "vf_coef",
-                  "max_grad_norm", "grad_reduce", "eval_episodes", "seed")
+# Hyperparameters only one kind of method uses: giving one to the other is an error, not ignored.
+ES_ONLY = ("population", "sigma", "rank", "lr", "lr_decay", "optimizer", "shaping", "episodes")
+PPO_ONLY = ("ppo_lr", "num_envs", "rollout_len", "ppo_epochs", "minibatches", "gamma", "gae_lambda", "clip_eps",
+            "ent_coef", "vf_coef", "max_grad_norm", "grad_reduce")
+# Config fields that change one seed's training (compared through the presets on --resume); the
+# budgets are among them since the learning-rate schedules follow them.
+SHARED_TRAJECTORY = ("env", "strategy", "budget_steps", "budget_wall_s", "hidden", "activation", "max_steps",
+                     "obs_norm", "eval_episodes", "seed")
+ES_TRAJECTORY = (*SHARED_TRAJECTORY, *ES_ONLY)
+PPO_TRAJECTORY = (*SHARED_TRAJECTORY, *PPO_ONLY, "anneal_lr", "clip_vloss")
 
 
 @dataclass
@@ -102,6 +114,9 @@ class Config(harness.RunConfig):
     grad_reduce: str | None = flag(None, "PPO on several devices: sum the gradients by all-gather + fixed-order add "
                                    "(gather: the same bits for any process layout) or XLA's all-reduce (psum)",
                                    ("gather", "psum"))
+    anneal_lr: bool = flag(True, "PPO: anneal the learning rate linearly to 0 over the budget (as CleanRL)")
+    clip_vloss: bool = flag(True, "PPO: clip the value loss around the rollout's values (as CleanRL)")
+    obs_norm: bool = flag(False, "normalise observations by running mean / std (every method; checkpointed)")
     eval_episodes: int = flag(16, "episodes per evaluation")
     chunk: int = flag(0, "ES members per vmap chunk on each device (0: all)")
     # the run fields' defaults for this recipe (each seed is one harness run in run_dir/seed<k>)
@@ -127,7 +142,14 @@ def validate(cfg: Config, hp: dict) -> None:
     need(hp["activation"] in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}")
     need(hp["optimizer"] in OPTIMIZERS, f"optimizer must be one of {sorted(OPTIMIZERS)}")
     need(hp["max_steps"] >= 0, f"max_steps must be >= 0, got {hp['max_steps']}")
-    if cfg.strategy == "ppo":
+    ppo = cfg.strategy == "ppo"
+    foreign = [k for k in (ES_ONLY if ppo else PPO_ONLY) if getattr(cfg, k) is not None]
+    foreign += ["chunk"] if ppo and cfg.chunk else []
+    need(not foreign, f"{', '.join('--' + k.replace('_', '-') for k in foreign)} "
+                      f"{'is' if len(foreign) == 1 else 'are'} not used by strategy {cfg.strategy} "
+                      f"({'PPO sizes its batch with --num-envs and --rollout-len' if ppo else 'those are PPO settings'}); "
+                      "drop them or pick the strategy they belong to")
+    if ppo:
         E, T, M, n_dev = hp["num_envs"], hp["rollout_len"], hp["minibatches"], jax.device_count()
         need(E >= 1 and T >= 1 and M >= 1 and hp["ppo_epochs"] >= 1,
              "num_envs, rollout_len, minibatches and ppo_epochs must be >= 1")
@@ -152,6 +174,8 @@ class ESTrainState(NamedTuple):
     opt_state: Any
     es_state: Any
     rng: jax.Array
+    obs_stats: Any  # rlt.ObsStats (unchanged unless obs_norm)
+    progress: jax.Array  # rlt.progress_init(): the budget spent (the learning rate decays with it)
 
 
 def make_es_trainer(env: rlt.Env, strategy: str, hp: dict, budget_steps: int, chunk: int = 0,
@@ -160,21 +184,26 @@ def make_es_trainer(env: rlt.Env, strategy: str, hp: dict, budget_steps: int, ch
     if strategy == "eggroll" and hp["rank"] > min(sizes):
         raise ValueError(f"rank {hp['rank']} exceeds the smallest weight-matrix dimension {min(sizes)} ({sizes})")
     es = make_strategy(strategy, hp["population"], hp["sigma"], hp["rank"], antithetic=True, shaping=hp["shaping"])
-    # lr decays linearly to lr * lr_decay over the generations a budget of full-length episodes allows
-    gens = max(1, budget_steps // (hp["population"] * hp["episodes"] * env.horizon))
-    sched = optax.linear_schedule(hp["lr"], hp["lr"] * hp["lr_decay"], gens)
-    optimizer = OPTIMIZERS[hp["optimizer"]](sched)
-    act = hp["activation"]
+    optimizer = OPTIMIZERS[hp["optimizer"]](hp["lr"])  # the decay scales its updates (linear in the lr)
+    act, norm = hp["activation"], bool(hp.get("obs_norm"))
 
     def generation(ts: ESTrainState, ctx):
         rng, k_gen = jax.random.split(ts.rng)
-        fitness, steps = rlt.population_fitness(env, es, ctx, ts.es_state, ts.params, k_gen, episodes=hp["episodes"],
-                                                activation=act, chunk=chunk or None)
-        grad, es_state, metrics = es.tell(ctx, ts.es_state, fitness)
+        out = rlt.population_rollouts(env, es, ctx, ts.es_state, ts.params, k_gen, episodes=hp["episodes"],
+                                      activation=act, chunk=chunk or None, obs_stats=ts.obs_stats if norm else None,
+                                      shift=ts.obs_stats.mean if norm else None)
+        grad, es_state, metrics = es.tell(ctx, ts.es_state, out.ret)
         updates, opt_state = optimizer.update(grad, ts.opt_state, ts.params)
+        scale = 1.0 - (1.0 - hp["lr_decay"]) * rlt.budget_fraction(ts.progress)
+        if hp["lr_decay"] != 1.0:  # (no decay: the former program, bit for bit)
+            updates = jax.tree_util.tree_map(lambda u: u * scale, updates)
         params = optax.apply_updates(ts.params, updates)
-        metrics = {**metrics, "env_steps": steps.sum()}
-        return ESTrainState(params, opt_state, es_state, rng), metrics
+        steps = out.length.sum()
+        obs_stats = (rlt.merge_obs_moments(ts.obs_stats, steps * env.num_agents, out.obs_sum.sum(0),
+                                           out.obs_sq.sum(0)) if norm else ts.obs_stats)
+        progress = rlt.spend(ts.progress, steps, budget_steps)
+        metrics = {**metrics, "env_steps": steps, "lr": hp["lr"] * scale}
+        return ESTrainState(params, opt_state, es_state, rng, obs_stats, progress), metrics
 
     def init_params(seed):
         params = init_mlp(jax.random.fold_in(jax.random.PRNGKey(seed), 0), sizes)
@@ -182,7 +211,7 @@ def make_es_trainer(env: rlt.Env, strategy: str, hp: dict, budget_steps: int, ch
 
     place = distributed.replicate  # every array replicated over every device of every process
     gen_jit, init_jit = jax.jit(generation), jax.jit(init_params)
-    eval_jit = jax.jit(lambda p, k: rlt.evaluate_policy(env, p, k, eval_episodes, act))
+    eval_jit = jax.jit(lambda p, st, k: rlt.evaluate_policy(env, p, k, eval_episodes, act, st if norm else None))
     contexts: dict = {}  # seed -> its noise context (constant for the run; a jit argument, never in the state)
     measured: dict = {}
     n_params = sum(a * b + a for a, b in zip(sizes[1:], sizes[:-1]))
@@ -196,7 +225,8 @@ def make_es_trainer(env: rlt.Env, strategy: str, hp: dict, budget_steps: int, ch
     def init(seed):
         params, opt_state = init_jit(seed)
         rng = jax.random.fold_in(jax.random.PRNGKey(seed), 2)
-        return place(ESTrainState(params, opt_state, es.init(context(seed)), rng))
+        return place(ESTrainState(params, opt_state, es.init(context(seed)), rng, rlt.obs_stats_init(env.obs_size),
+                                  rlt.progress_init()))
 
     def communication(ts, ctx):
         if not measured:
@@ -204,8 +234,8 @@ def make_es_trainer(env: rlt.Env, strategy: str, hp: dict, budget_steps: int, ch
         return measured
 
     return rlt.Trainer(env, init, context, lambda ts, ctx: gen_jit(place(ts), ctx),
-                       lambda ts, k: eval_jit(place(ts.params), place(k)), lambda ts: ts.params, n_params,
-                       communication)
+                       lambda ts, k: eval_jit(place(ts.params), place(ts.obs_stats), place(k)), lambda ts: ts.params,
+                       n_params, communication)
 
 
 def make_trainer(cfg: Config, hp: dict | None = None) -> rlt.Trainer:
@@ -214,7 +244,7 @@ def make_trainer(cfg: Config, hp: dict | None = None) -> rlt.Trainer:
     env = rlt.make_env(cfg.env, max_steps=hp["max_steps"] or None)
     if cfg.strategy == "ppo":
         from ..baselines.ppo import make_ppo_trainer
-        return make_ppo_trainer(env, hp, cfg.eval_episodes)
+        return make_ppo_trainer(env, hp, cfg.eval_episodes, budget_steps=cfg.budget_steps)
     return make_es_trainer(env, cfg.strategy, hp, cfg.budget_steps, cfg.chunk, cfg.eval_episodes)
 
 
@@ -247,6 +277,21 @@ def seed_config(cfg: Config, seed: int, hp: dict | None = None) -> Config:
     return dataclasses.replace(cfg, seed=seed, run_dir=str(run_root(cfg) / f"seed{seed}"), generations=cap)
 
 
+def timed_step(cfg: Config, trainer: rlt.Trainer, ctx):
+    """trainer.step, adding the generation's wall clock to the state's budget progress when a
+    wall-clock budget is set (every process adds the same number: the largest of theirs)."""
+    def step(state, gen):
+        t = time.perf_counter()
+        state, metrics = trainer.step(state, ctx)
+        if not cfg.budget_wall_s:
+            return state, metrics
+        jax.block_until_ready(metrics)
+        dt = float(distributed.allgather_host(np.asarray([time.perf_counter() - t], np.float64)).max())
+        return state._replace(progress=rlt.spend_time(state.progress, dt / cfg.budget_wall_s)), metrics
+
+    return step
+
+
 def over_budget(cfg: Config, record: dict) -> bool:
     """The step budget is spent, or the training wall clock (evaluations excluded) is."""
     return record["env_steps"] >= cfg.budget_steps or bool(cfg.budget_wall_s and record["train_s"] >= cfg.budget_wall_s)
@@ -267,7 +312,7 @@ def make_train(cfg: Config, trainer: rlt.Trainer | None = None) -> harness.Train
         return {"eval_return": float(np.mean(jax.device_get(returns)))}
 
     return harness.Train(
-        name=label, init=lambda: trainer.init(seed), step=lambda s, gen: trainer.step(s, ctx), evaluate=evaluate,
+        name=label, init=lambda: trainer.init(seed), step=timed_step(cfg, trainer, ctx), evaluate=evaluate,
         trajectory=PPO_TRAJECTORY if cfg.strategy == "ppo" else ES_TRAJECTORY,
         title=f"{cfg.env}, {cfg.strategy}, seed {seed}", plot_keys=[("eval_return",), ("fitness_mean", "train_return")],
         postfix_keys=["eval_return", "env_steps"], totals=("env_steps",), stop=lambda r: over_budget(cfg, r),

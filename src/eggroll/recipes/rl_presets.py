@@ -1,7 +1,10 @@
 """The `rl` recipe's hyperparameters: DEFAULTS, per-environment PRESETS and their resolution.
 
-Every run starts from DEFAULTS; PRESETS[preset_key(env)]["es" | "ppo"] overrides them for its
-environment; the flags given (the Config fields that are not None) override both:
+Every run starts from DEFAULTS; PRESETS[preset_key(env)] overrides them for its environment:
+"ppo" for PPO; "es" for both ES methods, then "eggroll" / "open_es" for that method alone (a
+method's own entry wins, and falls back to "es" for the fields it does not name); the flags
+given (the Config fields that are not None, and the switches obs_norm / anneal_lr / clip_vloss,
+which are plain booleans) override all of them:
 `resolve(cfg)` returns the result, `canonical(cfg)` compares a field's value through it (what
 --resume checks).
 """
@@ -24,12 +27,18 @@ DEFAULTS: dict[str, Any] = {
     # PPO
     "ppo_lr": 3e-4, "num_envs": 16, "rollout_len": 128, "ppo_epochs": 4, "minibatches": 4, "gamma": 0.99, "gae_lambda": 0.95,
     "clip_eps": 0.2, "ent_coef": 0.01, "vf_coef": 0.5, "max_grad_norm": 0.5, "grad_reduce": "gather",
+    "anneal_lr": True, "clip_vloss": True,
+    # every method
+    "obs_norm": False,
 }
 
-# Per-environment presets. "es" applies to eggroll and open_es, "ppo" to PPO. MPE values are the
-# paper's appendix choices for EGGROLL (3x64, lr 0.01, AdamW, rank 1; "no rank transform" -> z_score)
-# and its IPPO baseline (lr 1e-3, 4 epochs, 4 minibatches, entropy 0.01). The others are hand-set
-# for a small CPU budget (not from the paper; `eggroll tune` searches them).
+# Per-environment presets. "es" applies to eggroll and open_es, "open_es" / "eggroll" to that
+# method alone (over "es"), "ppo" to PPO. MPE values are the paper's appendix choices for EGGROLL
+# (3x64, lr 0.01, AdamW, rank 1; "no rank transform" -> z_score), the OpenES values the paper
+# tuned differently (simple_reference: tanh, sigma 0.3, rank transform on; speaker_listener:
+# decay 0.3; the fields it does not name stay EGGROLL's) and its IPPO baseline (lr 1e-3, 4 epochs,
+# 4 minibatches, entropy 0.01). The others are hand-set for a small CPU budget (not from the paper;
+# `eggroll tune` searches them).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "MPE_simple_spread_v3": {
         "es": {"activation": "tanh", "lr": 0.01, "lr_decay": 0.7, "hidden": "64,64,64", "population": 128,
@@ -38,10 +47,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "MPE_simple_speaker_listener_v4": {
         "es": {"activation": "tanh", "lr": 0.01, "lr_decay": 0.7, "hidden": "64,64,64", "population": 512,
                    "optimizer": "adamw", "rank": 1, "sigma": 0.5, "shaping": "centered_rank"},
+        "open_es": {"lr_decay": 0.3},
         "ppo": {"hidden": "64,64,64", "ppo_lr": 1e-3, "ppo_epochs": 4, "minibatches": 4, "ent_coef": 0.01}},
     "MPE_simple_reference_v3": {
         "es": {"activation": "pqn", "lr": 0.01, "lr_decay": 0.3, "hidden": "64,64,64", "population": 4096,
                    "optimizer": "adamw", "rank": 1, "sigma": 0.1, "shaping": "z_score"},
+        "open_es": {"activation": "tanh", "sigma": 0.3, "shaping": "centered_rank"},
         "ppo": {"hidden": "64,64,64", "ppo_lr": 1e-3, "ppo_epochs": 4, "minibatches": 4, "ent_coef": 0.01}},
     "CartPole-v1": {"es": {"sigma": 0.1, "lr": 0.05}, "ppo": {"ppo_lr": 3e-4}},
     "Pendulum-v1": {"es": {"sigma": 0.1, "lr": 0.02, "max_steps": 200}, "ppo": {"ppo_lr": 1e-3, "ent_coef": 0.0}},
@@ -65,8 +76,10 @@ def resolve(cfg: Config) -> dict:
 
 
 def _base(cfg: Config) -> dict:
-    preset = PRESETS.get(preset_key(cfg.env), {}).get("ppo" if cfg.strategy == "ppo" else "es", {})
-    return {**DEFAULTS, **preset}
+    preset = PRESETS.get(preset_key(cfg.env), {})
+    if cfg.strategy == "ppo":
+        return {**DEFAULTS, **preset.get("ppo", {})}
+    return {**DEFAULTS, **preset.get("es", {}), **preset.get(cfg.strategy, {})}
 
 
 def preset_key(name: str) -> str:

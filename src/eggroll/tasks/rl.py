@@ -11,14 +11,18 @@ interface and the suite adapters (observation encodings, action rescaling, multi
 are in tasks/rl_suites.py; every public name there is importable from here too.
 
 Names: "CartPole-v1" (gymnax registry), "brax/hopper", "Game2048-v1" or "jumanji/Game2048-v1",
-"Navix-DoorKey-8x8-v0", "Craftax-Classic-Symbolic-v1", "kinetix/s/h0_weak_thrust",
+"Navix-DoorKey-8x8-v0", "Craftax-Classic-Symbolic-v1", "kinetix/m/h17_thrustcontrol_left",
 "MPE_simple_spread_v3" or "mpe/simple_spread_v3"; or "package.module:function" naming a factory
 of your own that returns an `Env` (wrap a gymnax-style environment with `from_gymnax`).
 
-Rollouts: `episode` plays one episode as a lax.scan over `env.horizon` steps with a deterministic
-policy (argmax over legal logits, or tanh); steps after `done` are masked out, so adapters that
-auto-reset and adapters that do not give the same return. `population_fitness` vmaps episodes
-over members and evaluates the population with eggroll.evaluate_population.
+Rollouts: `rollout` / `episode` play one episode with a deterministic policy (argmax over legal
+logits, or tanh) as a lax.while_loop that stops at `done` (or `env.horizon` steps); under vmap
+it stops when every episode of the batch is done, and nothing after an episode's `done` reaches
+its return, so adapters that auto-reset and adapters that do not give the same return.
+`population_fitness` vmaps episodes over members and evaluates the population with
+eggroll.evaluate_population. `ObsStats` / `merge_obs_moments` / `normalize_obs`: the running
+observation normalisation every method can use; `spend` / `budget_fraction`: how far a run is
+through its budget (the learning-rate schedules follow it).
 """
 
 from __future__ import annotations
@@ -62,7 +66,11 @@ def make_env(name, *, max_steps: int | None = None) -> Env:
         if inner not in gymnax.registered_envs:
             raise ValueError(f"unknown environment {name!r}: not in the gymnax registry, and no suite prefix "
                              f"(one of {sorted(SUITES)}, e.g. 'brax/hopper', 'mpe/simple_spread_v3')")
-    return SUITES[suite](inner, max_steps)
+    try:
+        return SUITES[suite](inner, max_steps)
+    except KeyError as e:  # a suite's registry lookup: one line naming the name, not a traceback
+        raise ValueError(f"unknown environment {name!r}: the {suite} suite has no {e} (check the spelling; "
+                         f"see docs/RL.md for the names)") from None
 
 
 # ------------------------------------------------------------------ policy and rollouts
@@ -78,53 +86,159 @@ def act(env: Env, out, legal):
     return jnp.tanh(out)
 
 
-def episode(env: Env, apply: Callable, key):
+class Rollout(NamedTuple):
+    """One episode (or a sum of them): team return, env steps, and the sums of (obs - shift) and
+    (obs - shift)^2 over the observations the policy acted on (empty arrays without a shift)."""
+
+    ret: jax.Array
+    length: jax.Array
+    obs_sum: jax.Array
+    obs_sq: jax.Array
+
+
+def rollout(env: Env, apply: Callable, key, shift=None) -> Rollout:
     """One episode with actions act(apply(obs)); apply maps (A, obs_size) -> (A, num_outputs).
-    Returns (team return = mean over agents, length in env steps). Steps after done are masked."""
+
+    A lax.while_loop that runs while the episode is alive and shorter than env.horizon. Under
+    vmap (a member's episodes, a chunk of members) the loop runs until every episode of the
+    batch is done, and a finished episode's carry is kept by a select, so nothing after its
+    `done` (a NaN reward included) reaches its return; the return is the same as a scan over
+    the whole horizon with the steps after done masked out. `shift` (obs_size,): also sum the
+    observations' moments about it (observation normalisation)."""
     k_reset, k_step = jax.random.split(key)
     state, ts = env.reset(k_reset)
+    width = env.obs_size if shift is not None else 0
 
-    def body(carry, t):
-        state, ts, alive, ret, length = carry
+    def moments(obs, s1, s2):
+        if shift is None:
+            return s1, s2
+        d = obs - shift
+        return s1 + d.sum(0), s2 + (d * d).sum(0)
+
+    def cond(c):
+        return c[2] & (c[3] < env.horizon)
+
+    def body(c):
+        state, ts, alive, t, ret, s1, s2 = c
+        s1, s2 = moments(ts.obs, s1, s2)
         action = act(env, apply(ts.obs), ts.legal)
         state, ts = env.step(jax.random.fold_in(k_step, t), state, action)
-        ret = ret + alive * ts.reward.mean()
-        length = length + alive.astype(jnp.int32)
-        alive = alive * (1.0 - ts.done.astype(jnp.float32))
-        return (state, ts, alive, ret, length), None
+        ret = jnp.where(alive, ret + ts.reward.mean(), ret)  # a select: never 0 * NaN
+        return state, ts, alive & ~ts.done, t + 1, ret, s1, s2
 
-    carry = (state, ts, jnp.float32(1.0), jnp.float32(0.0), jnp.int32(0))
-    (_, _, _, ret, length), _ = lax.scan(body, carry, jnp.arange(env.horizon))
-    return ret, length
-
-
-def mlp_apply(params, noise=None, activation="tanh"):
-    """The shared policy over the agent axis: (A, obs_size) -> (A, num_outputs)."""
-    return lambda obs: mlp(params, obs, noise, activation=activation)
+    zero = jnp.zeros((width,), jnp.float32)
+    carry = (state, ts, jnp.asarray(True), jnp.int32(0), jnp.float32(0.0), zero, zero)
+    _, _, _, length, ret, s1, s2 = lax.while_loop(cond, body, carry)
+    return Rollout(ret, length, s1, s2)
 
 
-def member_episodes(env: Env, params, noise, keys, activation="tanh"):
+def episode(env: Env, apply: Callable, key):
+    """(team return = mean over agents, length in env steps) of one episode (see `rollout`)."""
+    out = rollout(env, apply, key)
+    return out.ret, out.length
+
+
+def mlp_apply(params, noise=None, activation="tanh", obs_stats=None):
+    """The shared policy over the agent axis: (A, obs_size) -> (A, num_outputs); with obs_stats
+    the observations are normalised first (normalize_obs)."""
+    if obs_stats is None:
+        return lambda obs: mlp(params, obs, noise, activation=activation)
+    return lambda obs: mlp(params, normalize_obs(obs_stats, obs), noise, activation=activation)
+
+
+def member_rollouts(env: Env, params, noise, keys, activation="tanh", obs_stats=None, shift=None) -> Rollout:
+    """`rollout` of one member for each of `keys` (vmapped; every field has a leading axis)."""
+    apply = mlp_apply(params, noise, activation, obs_stats)
+    return jax.vmap(lambda k: rollout(env, apply, k, shift))(keys)
+
+
+def member_episodes(env: Env, params, noise, keys, activation="tanh", obs_stats=None):
     """Returns and lengths of one member over len(keys) episodes."""
-    return jax.vmap(lambda k: episode(env, mlp_apply(params, noise, activation), k))(keys)
+    out = member_rollouts(env, params, noise, keys, activation, obs_stats)
+    return out.ret, out.length
 
 
-def population_fitness(env: Env, es, ctx, es_state, params, key, *, episodes=1, activation="tanh",
-                       common_random_numbers=True, chunk=None):
-    """(fitness (N,), env steps (N,)): member m's mean return over `episodes` episodes with
-    params + sigma * E_m. With common random numbers every member plays the same start states
-    (differences come from the perturbations alone); otherwise member m's keys fold in m."""
+def population_rollouts(env: Env, es, ctx, es_state, params, key, *, episodes=1, activation="tanh",
+                        common_random_numbers=True, chunk=None, obs_stats=None, shift=None) -> Rollout:
+    """Per member (leading axis N): mean return over `episodes` episodes with params + sigma *
+    E_m, env steps, and (with `shift`) the observation moments summed over its episodes. With
+    common random numbers every member plays the same start states (differences come from the
+    perturbations alone); otherwise each antithetic pair (members 2p, 2p + 1) gets its own
+    episodes (keys fold in m // 2), so the two sides of a pair still differ by the noise alone."""
     def member(m):
-        k = key if common_random_numbers else jax.random.fold_in(key, m)
-        ret, length = member_episodes(env, params, es.noise(ctx, es_state, m), jax.random.split(k, episodes),
-                                      activation)
-        return ret.mean(), length.sum()
+        k = key if common_random_numbers else jax.random.fold_in(key, m // 2)
+        out = member_rollouts(env, params, es.noise(ctx, es_state, m), jax.random.split(k, episodes), activation,
+                              obs_stats, shift)
+        return Rollout(out.ret.mean(), out.length.sum(), out.obs_sum.sum(0), out.obs_sq.sum(0))
 
     return evaluate_population(member, es.population, chunk=chunk)
 
 
-def evaluate_policy(env: Env, params, key, episodes: int, activation="tanh"):
+def population_fitness(env: Env, es, ctx, es_state, params, key, **kw):
+    """(fitness (N,), env steps (N,)) of `population_rollouts` (same keywords, no shift)."""
+    out = population_rollouts(env, es, ctx, es_state, params, key, **kw)
+    return out.ret, out.length
+
+
+def evaluate_policy(env: Env, params, key, episodes: int, activation="tanh", obs_stats=None):
     """Returns (episodes,) of the unperturbed deterministic policy."""
-    return member_episodes(env, params, None, jax.random.split(key, episodes), activation)[0]
+    return member_episodes(env, params, None, jax.random.split(key, episodes), activation, obs_stats)[0]
+
+
+# ------------------------------------------------------------------ observation normalisation
+
+OBS_CLIP = 5.0  # normalised observations are clipped to [-5, 5] (as Salimans et al. / gym do)
+
+
+class ObsStats(NamedTuple):
+    """Running mean and (population) variance of every observation feature seen so far."""
+
+    count: jax.Array  # () float32
+    mean: jax.Array  # (obs_size,)
+    var: jax.Array  # (obs_size,)
+
+
+def obs_stats_init(size: int) -> ObsStats:
+    return ObsStats(jnp.float32(0.0), jnp.zeros((size,), jnp.float32), jnp.ones((size,), jnp.float32))
+
+
+def normalize_obs(stats: ObsStats, obs):
+    return jnp.clip((obs - stats.mean) / jnp.sqrt(stats.var + 1e-8), -OBS_CLIP, OBS_CLIP)
+
+
+def merge_obs_moments(stats: ObsStats, n, obs_sum, obs_sq) -> ObsStats:
+    """Fold in n new observations, given the sums of (x - stats.mean) and (x - stats.mean)^2
+    (moments about the running mean: no cancellation when the mean is large). Chan et al.'s
+    parallel update; n == 0 leaves the statistics unchanged."""
+    n = jnp.asarray(n, jnp.float32)
+    total = stats.count + n
+    safe_n, safe_total = jnp.maximum(n, 1.0), jnp.maximum(total, 1.0)
+    delta = obs_sum / safe_n  # batch mean - running mean
+    batch_var = jnp.maximum(obs_sq / safe_n - delta * delta, 0.0)
+    mean = stats.mean + delta * (n / safe_total)
+    m2 = stats.var * stats.count + batch_var * n + delta * delta * (stats.count * n / safe_total)
+    new = ObsStats(total, mean, m2 / safe_total)
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(n > 0, a, b), new, stats)
+
+
+# ------------------------------------------------------------------ budget progress
+
+def progress_init() -> jax.Array:
+    """The fractions of each budget a run has spent: [env steps, training wall clock]."""
+    return jnp.zeros((2,), jnp.float32)
+
+
+def budget_fraction(progress) -> jax.Array:
+    """How far through its budget a run is: the larger fraction spent, in [0, 1]."""
+    return jnp.clip(jnp.max(progress), 0.0, 1.0)
+
+
+def spend(progress, env_steps, budget_steps: int) -> jax.Array:
+    """progress after a generation / update of `env_steps` env steps."""
+    return progress.at[0].add(jnp.asarray(env_steps, jnp.float32) / budget_steps)
+
+
+spend_time = jax.jit(lambda progress, frac: progress.at[1].add(frac))  # the host adds its wall clock
 
 
 def stderr(xs) -> float:

@@ -13,6 +13,10 @@ the largest agent's size and gets a one-hot agent id appended; the policy's head
 action count and each agent's surplus actions are masked. The team's return is the mean over
 agents of their returns.
 
+`Env.auto_reset` says whether `step` itself starts the next episode at `done` (PPO resets only
+the others; ES rollouts stop at `done` either way). Kinetix needs jax2d >= 1.0.2 on jax >= 0.10
+(the guard checks jax2d; install line in KINETIX_INSTALL and docs/RL.md).
+
 SUITES maps a suite to its factory (inner name, max_steps) -> Env; `suite_of` recognises a name's
 suite. `from_gymnax` adapts any gymnax-style environment. Use these through
 eggroll.tasks.rl.make_env, which re-exports every public name here.
@@ -21,6 +25,7 @@ eggroll.tasks.rl.make_env, which re-exports every public name here.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -48,6 +53,10 @@ class Env(NamedTuple):
     horizon: int  # rollout length: the env's episode limit, capped by make_env(max_steps=)
     reset: Callable  # key -> (state, Step)
     step: Callable  # (key, state, action) -> (state, Step)
+    # step() itself starts a fresh episode when one ends (gymnax, craftax, kinetix, MPE): the
+    # state and Step it returns at `done` are already the next episode's first; False (brax,
+    # jumanji, navix, the default): the caller resets (PPO does; ES rollouts stop at done anyway)
+    auto_reset: bool = False
 
 
 # ------------------------------------------------------------------ observation helpers
@@ -92,8 +101,10 @@ def _need(module: str, suite: str, name: str, pip: str):
 
 # ------------------------------------------------------------------ adapters
 
-def from_gymnax(env, params, *, name="custom", suite="gymnax", max_steps=None, obs_fn=flat_obs) -> Env:
-    """Adapt any gymnax-style environment (reset(key, params), step(key, state, a, params))."""
+def from_gymnax(env, params, *, name="custom", suite="gymnax", max_steps=None, obs_fn=flat_obs,
+                auto_reset=True) -> Env:
+    """Adapt any gymnax-style environment (reset(key, params), step(key, state, a, params));
+    auto_reset: its step resets at done, as gymnax environments do."""
     space = env.action_space(params)
     discrete = hasattr(space, "n")
     if discrete:
@@ -117,7 +128,7 @@ def from_gymnax(env, params, *, name="custom", suite="gymnax", max_steps=None, o
         done = out[3] if len(out) == 5 else jnp.logical_or(out[3], out[4])  # gymnax >= 1.0: term, trunc
         return state, _single(obs_fn(obs), reward, done, n_out)
 
-    return Env(name, suite, _obs_size(reset), n_out, discrete, 1, horizon, reset, step)
+    return Env(name, suite, _obs_size(reset), n_out, discrete, 1, horizon, reset, step, auto_reset)
 
 
 def _gymnax(name, max_steps):
@@ -136,6 +147,9 @@ def _craftax(name, max_steps):
 
 def _brax(name, max_steps, backend="positional"):
     envs = _need("brax.envs", "brax", name, "brax")
+    known = sorted(getattr(envs, "_envs", {}))
+    if known and name not in known:
+        raise ValueError(f"unknown brax environment {name!r}; brax has {', '.join(known)} (e.g. brax/hopper)")
     env = envs.get_environment(name, backend=backend)
     n_out = int(env.action_size)
     horizon = int(max_steps or 1000)
@@ -220,17 +234,38 @@ def _navix(name, max_steps):
     return Env(name, "navix", _obs_size(reset), n_out, True, 1, horizon, reset, step)
 
 
+KINETIX_INSTALL = 'pip install "eggroll-jax[kinetix]" && pip install --no-deps kinetix-env==3.0.2'
+
+
+def _jax2d_ok() -> str | None:
+    """None if the installed jax2d runs on this jax, else why not. jax2d 1.0.1 (kinetix-env
+    3.0.2's pin) calls jnp.clip(a_max=...), which jax 0.10 removed; 1.0.2 does not."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        have = version("jax2d")
+    except PackageNotFoundError:
+        return "jax2d is not installed"
+    number = lambda v: tuple(int(p) for p in v.split(".")[:3] if p.isdigit())
+    if number(jax.__version__)[:2] >= (0, 10) and number(have) < (1, 0, 2):
+        return f"jax2d {have} calls jnp.clip(a_max=...), removed in jax 0.10 (this is jax {jax.__version__})"
+    return None
+
+
 def _kinetix(level, max_steps):
+    """A Kinetix level by its name in kinetix/levels (e.g. m/h17_thrustcontrol_left, the paper's
+    Thrust Control Left): continuous actions, flat symbolic observations, auto-reset."""
     name = f"kinetix/{level}"
     _need("kinetix", "kinetix", name, "kinetix-env")
-    if tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 10):
-        raise RuntimeError(
-            f"{name}: kinetix-env 3.0.2 pins jax<=0.9.0 and its physics engine jax2d 1.0.1 calls "
-            f"jnp.clip(a_max=...), removed in jax 0.10 (this is jax {jax.__version__}); use a jax<=0.9 "
-            "environment for Kinetix")
+    problem = _jax2d_ok()
+    if problem:  # an installation problem: ModuleNotFoundError, which the CLI reports in one line
+        raise ModuleNotFoundError(f"environment {name!r}: {problem}; install Kinetix with: {KINETIX_INSTALL}")
     from kinetix.environment import ActionType, ObservationType, make_kinetix_env
-    from kinetix.util.saving import load_from_json_file
+    from kinetix.util.saving import get_correct_path_of_json_level, load_from_json_file
 
+    if not os.path.exists(get_correct_path_of_json_level(level)):
+        raise ValueError(f"unknown Kinetix level {level!r} (no {get_correct_path_of_json_level(level)}); "
+                         "names look like kinetix/m/h17_thrustcontrol_left")
     state0, static, params = load_from_json_file(level)
     env = make_kinetix_env(ActionType.CONTINUOUS, ObservationType.SYMBOLIC_FLAT,
                            lambda key: state0, params, static, auto_reset=True)
@@ -263,7 +298,7 @@ def _mpe(name, max_steps):
         return state, Step(obs_of(obs), rew, dones["__all__"], legal)
 
     horizon = int(min(env.max_steps, max_steps or env.max_steps))
-    return Env(full, "jaxmarl", width + n_agents, n_out, True, n_agents, horizon, reset, step)
+    return Env(full, "jaxmarl", width + n_agents, n_out, True, n_agents, horizon, reset, step, True)
 
 
 SUITES: dict[str, Callable] = {"gymnax": _gymnax, "brax": _brax, "jumanji": _jumanji, "navix": _navix,
