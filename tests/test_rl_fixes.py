@@ -272,6 +272,7 @@ def _interrupt_after(monkeypatch, calls_before_raise: int):
     monkeypatch.setattr(recipe, "make_trainer", make)
 
 
+@pytest.mark.slow  # 15-18 s each; tests/test_rl.py's resume test covers both methods by default
 @pytest.mark.parametrize("strategy", ["eggroll", "ppo"])
 def test_interrupted_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, strategy):
     """obs_norm on, learning rate decaying: killed in generation 3 (checkpoint at 2), --resume
