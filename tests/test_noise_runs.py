@@ -128,9 +128,9 @@ def test_population_forward_on_four_devices_matches_per_member(key, source):
 def test_default_chunk_is_cache_sized_and_results_do_not_depend_on_it(key):
     from eggroll.population import DEFAULT_CHUNK, default_chunk
 
-    assert default_chunk(512) is None and default_chunk(4096) == DEFAULT_CHUNK == 512
-    assert default_chunk(1000) == 500 and default_chunk(2 * 1021) is None  # no divisor >= 256: one batch
-    n, width = 1024, 32
+    assert default_chunk(1024) is None and default_chunk(4096) == DEFAULT_CHUNK == 1024
+    assert default_chunk(3000) == 1000 and default_chunk(2 * 1031) is None  # no divisor >= 256: one batch
+    n, width = 2048, 32
     params = init_mlp(key, (width, width, width))
     x = jax.random.normal(key, (n, width))
     es = eggroll.eggroll(n, 0.1, 1)

@@ -86,10 +86,11 @@ def _map_chunks(fitness_fn, members, chunk):
     return jax.tree_util.tree_map(lambda x: x.reshape(n, *x.shape[2:]), out)
 
 
-# Members per vmap chunk when none is given: a chunk's activations and noise then stay in cache
-# (measured on a 2-core CPU: 512-member chunks run the width-256 MLP forward of 4,096 members
-# 1.9x faster and the width-1024 one 1.3x faster than one 4,096-member batch).
-DEFAULT_CHUNK = 512
+# Members per vmap chunk when none is given: a chunk's activations and noise then stay in the
+# caches. Measured on the quiet 2-core CPU (`eggroll bench throughput --chunk C`, 4,096 members,
+# 3-layer MLP): width 256, forward / inference 0.41 in one batch, 0.56 / 0.69 / 0.73 in chunks of
+# 256 / 1,024 / 2,048; width 1024, 0.65 in one batch, 0.86-0.89 in chunks of 256-1,024.
+DEFAULT_CHUNK = 1024
 _MIN_AUTO_CHUNK = 256  # smaller chunks can round differently from one batch (last bit; MLPs of width < 64)
 
 
@@ -107,7 +108,7 @@ def evaluate_population(fitness_fn: Callable, population: int, *, chunk: int | N
     """Results of fitness_fn(member) for member = 0..population-1, stacked on axis 0.
 
     chunk: members evaluated together by vmap on one device; must divide population / n_devices.
-    None: automatic (`default_chunk`: at most 512 members; all of a device's share when that is
+    None: automatic (`default_chunk`: at most 1,024 members; all of a device's share when that is
     smaller); pass the per-device population for one batch. Member results do not depend on it
     beyond float rounding (bitwise for chunks of 256 members or more in the MLP tests; smaller
     chunks of narrow MLPs can differ in the last bit). mesh / devices: where to shard the

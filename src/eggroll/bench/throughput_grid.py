@@ -2,7 +2,7 @@
 dtypes, one JSON record per point.
 
 Each point runs `eggroll bench throughput` in its own process (so its peak RSS is its own) with
-evaluate_population's automatic member chunk (at most 512 members): the population work's
+evaluate_population's automatic member chunk (at most 1,024 members): the population work's
 memory does not grow with the population (only the inputs do). A point, or its T-input part, is skipped and says why when its estimated memory
 exceeds `grid_mem_gib` or one call's estimated matmul work exceeds `grid_max_gflop` (on a 2-core
 CPU the widest points would take hours; `grid_max_gflop_t` for the T-input part). Records are appended to `grid_out` as JSON lines and a
