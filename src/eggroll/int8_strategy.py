@@ -202,7 +202,7 @@ def update_statistic(plan: nz.NoisePlan, key, table, generation, pair_f, chunk: 
         if stat == "sign":
             a, b = jnp.sign(a), jnp.sign(b)
         af = a.astype(jnp.int32) * f[None, :, None, None]
-        return jnp.einsum("lcir,lcjr->lij", af, b.astype(jnp.int32), preferred_element_type=jnp.int32)
+        return nz.lowrank_contract(af, b.astype(jnp.int32), jnp.int32)
 
     def full_sum(v, f):  # (L, c, size) int8
         return jnp.einsum("c,lcn->ln", f, v.astype(jnp.int32), preferred_element_type=jnp.int32)

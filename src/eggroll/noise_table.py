@@ -74,6 +74,6 @@ def lowrank_at(table, offset, shape: tuple, rank: int):
     """split_factors(draw_at(table, offset, (d0 + d1) * rank), shape, rank) as two slices, so
     each factor is gathered straight into its consumer (no slice of a gathered copy)."""
     d0, d1 = shape
-    a = lax.dynamic_slice(table, (offset,), (d0 * rank,)).reshape(d0, rank)
-    b = lax.dynamic_slice(table, (offset + d0 * rank,), (d1 * rank,)).reshape(d1, rank)
+    a = lax.dynamic_slice(table, (offset,), (d0 * rank,)).reshape(rank, d0).T
+    b = lax.dynamic_slice(table, (offset + d0 * rank,), (d1 * rank,)).reshape(rank, d1).T
     return a, b

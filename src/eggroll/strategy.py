@@ -133,12 +133,13 @@ def _es_gradient(ctx: nz.NoiseContext, generation, coef, update_chunk):
     sqrt_r = math.sqrt(plan.rank)
 
     def lowrank_sum(z, c):
-        a, b = z  # (L, c, d0, r), (L, c, d1, r)
+        a, b = z  # (L, c, d0, r), (L, c, d1, r), stored rank-major (noise.split_factors)
         # scale the factor gathered in its natural layout (XLA transposes the other one
         # into the GEMM operand; per-element work there is kept to the gather alone)
         b = b * (c / sqrt_r)[None, :, None, None]
-        # sum over (chunk, rank) of outer products: one batched GEMM per bucket
-        return jnp.einsum("lcir,lcjr->lij", a, b, preferred_element_type=jnp.float32)
+        # sum over (chunk, rank) of outer products: one batched GEMM per bucket, contracting the
+        # (direction, rank) rows of the factors' own layout (no transposed copy for rank > 1)
+        return nz.lowrank_contract(a, b, jnp.float32)
 
     def full_sum(v, c):  # (L, chunk, size)
         return jnp.einsum("c,lcn->ln", c, v, preferred_element_type=jnp.float32)
