@@ -14,19 +14,21 @@ def key():
     return jax.random.PRNGKey(0)
 
 
-def jaxpr_shapes(closed_jaxpr) -> set:
-    """Shapes of every intermediate of a traced program, sub-jaxprs (scan, map, shard_map) included."""
-    out = set()
-
+def jaxpr_eqns(closed_jaxpr):
+    """Every equation of a traced program, sub-jaxprs (scan, map, shard_map) included."""
     def walk(jp):
         for eqn in jp.eqns:
-            out.update(tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars)
+            yield eqn
             for p in eqn.params.values():
                 for sub in (p if isinstance(p, (list, tuple)) else [p]):
                     if hasattr(sub, "jaxpr"):
-                        walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
+                        yield from walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
                     elif hasattr(sub, "eqns"):
-                        walk(sub)
+                        yield from walk(sub)
 
-    walk(closed_jaxpr.jaxpr)
-    return out
+    return walk(closed_jaxpr.jaxpr)
+
+
+def jaxpr_shapes(closed_jaxpr) -> set:
+    """Shapes of every intermediate of a traced program, sub-jaxprs (scan, map, shard_map) included."""
+    return {tuple(getattr(v.aval, "shape", ())) for eqn in jaxpr_eqns(closed_jaxpr) for v in eqn.outvars}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import eggroll
+from conftest import jaxpr_eqns
 from eggroll import noise as nz
 from eggroll.models.mlp import init_mlp, mlp
 
@@ -81,21 +82,7 @@ def test_run_noise_is_the_per_member_noise(key, source, antithetic, chunk):
 
 
 def _random_bits_shapes(closed_jaxpr) -> list:
-    out = []
-
-    def walk(jp):
-        for eqn in jp.eqns:
-            if eqn.primitive.name == "random_bits":
-                out.append(tuple(eqn.outvars[0].aval.shape))
-            for p in eqn.params.values():
-                for sub in (p if isinstance(p, (list, tuple)) else [p]):
-                    if hasattr(sub, "jaxpr"):
-                        walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
-                    elif hasattr(sub, "eqns"):
-                        walk(sub)
-
-    walk(closed_jaxpr.jaxpr)
-    return out
+    return [tuple(e.outvars[0].aval.shape) for e in jaxpr_eqns(closed_jaxpr) if e.primitive.name == "random_bits"]
 
 
 def test_threefry_runs_draw_each_pair_once(key):

@@ -71,7 +71,7 @@ class Config(harness.RunConfig):
     episodes: int = flag(1, "episodes per member per generation (fitness = mean return)")
     eval_episodes: int = flag(16, "episodes per evaluation of the mean policy")
     target_return: float = flag(475.0, "stop once the mean policy's eval return reaches this")
-    chunk: int = flag(0, "members per vmap chunk on each device (0: all of them)")
+    chunk: int = flag(0, "members per vmap chunk on each device (0: automatic, at most 1,024)")
     # the run fields' defaults for this recipe
     generations: int = flag(200, "generation budget")
     eval_every: int = flag(5, "evaluate the mean policy every k generations")

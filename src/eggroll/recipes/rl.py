@@ -118,7 +118,7 @@ class Config(harness.RunConfig):
     clip_vloss: bool = flag(True, "PPO: clip the value loss around the rollout's values (as CleanRL)")
     obs_norm: bool = flag(False, "normalise observations by running mean / std (every method; checkpointed)")
     eval_episodes: int = flag(16, "episodes per evaluation")
-    chunk: int = flag(0, "ES members per vmap chunk on each device (0: all)")
+    chunk: int = flag(0, "ES members per vmap chunk on each device (0: automatic, at most 1,024)")
     # the run fields' defaults for this recipe (each seed is one harness run in run_dir/seed<k>)
     generations: int = flag(0, "cap on the generations / PPO updates of a seed (0: none, the budgets stop it)")
     eval_every: int = flag(5, "evaluate the deterministic policy every k generations / updates")
