@@ -164,7 +164,7 @@ def test_countdown_search_equal_budget_and_resumes(tmp_path):
     space = {"eggroll": {"sigma": [0.01], "population": [4], "es_prompts": [2]},
              "grpo": {"group_size": [2], "grpo_prompts": [2], "grpo_temperature": [1.0]}}
     cfg = cs.Config(trials=1, budget_s=0.3, space=json.dumps(space), base=json.dumps({**base, "pass_k": 2}),
-                    out_dir=str(tmp_path / "s"))
+                    out_dir=str(tmp_path / "s"), confirm_seeds="5")
     res = cs.run(cfg)
     lines = [json.loads(x) for x in (tmp_path / "s" / "trials.jsonl").read_text().splitlines()]
     assert [(t["method"], t["trial"]) for t in lines] == [("eggroll", 0), ("grpo", 0)]
@@ -173,12 +173,33 @@ def test_countdown_search_equal_budget_and_resumes(tmp_path):
     assert not (tmp_path / "s" / "grpo" / "trial0" / "sft").exists()
     again = cs.run(cfg)
     assert again["best"] == res["best"] and len((tmp_path / "s" / "trials.jsonl").read_text().splitlines()) == 2
-    measures = json.loads((tmp_path / "s" / "eggroll" / "trial0" / "result.json").read_text())["eggroll_measures"]
-    assert {"pass@1", "pass@2", "heldout_nll", "heldout_nll_start", "drift_norm"} <= set(measures)
+    trial = json.loads((tmp_path / "s" / "eggroll" / "trial0" / "result.json").read_text())
+    assert {"pass@1", "pass@2", "heldout_nll", "heldout_nll_start", "drift_norm"} <= set(trial["eggroll_measures"])
+    assert trial["eval_set"] == "validation"  # trials never see the test set ...
+    for m in ("eggroll", "grpo"):  # ... the winners' reruns on fresh seeds are scored on it
+        confirmed = json.loads((tmp_path / "s" / m / "confirm" / "result.json").read_text())
+        assert confirmed["eval_set"] == "test" and confirmed["seeds"] == [5]
+        assert res["confirm"][m]["per_seed"] == confirmed[f"{m}_accuracy_per_seed"]
+        assert "--eval-set test" in res["confirm"][m]["command"] and "--seeds 5" in res["confirm"][m]["command"]
     with pytest.raises(ValueError, match="not a tunable"):
         cs.spaces(cs.Config(space=json.dumps({"grpo": {"sigma": [0.1]}})))
     with pytest.raises(ValueError, match="--base"):
         cs.run(cs.Config(base=json.dumps({"nope": 1}), out_dir=str(tmp_path / "bad")))
+
+
+def test_validation_set_is_disjoint_and_reproducible():
+    cfg = cm.Config(sft_problems=300, eval_problems=40)
+    task = cm.make_task(cfg)
+    held, train = cm.problem_sets(cfg, task)
+    val = countdown_sft.validation_set(cfg, task, held)
+    key = lambda e: (tuple(e["numbers"]), e["target"])  # noqa: E731
+    assert len(val) == 40 and len({key(e) for e in val}) == 40
+    assert not {key(e) for e in val} & ({key(e) for e in held} | {key(e) for e in train})
+    held2, train2 = cm.problem_sets(cfg, task)  # the same draws every time
+    assert [key(e) for e in held2] == [key(e) for e in held] and [key(e) for e in train2] == [key(e) for e in train]
+    assert [key(e) for e in countdown_sft.validation_set(cfg, task, held2)] == [key(e) for e in val]
+    with pytest.raises(ValueError, match="eval_set"):
+        cm.validate(cm.Config(eval_set="train"))
 
 
 def test_reasoning_trace_answers():

@@ -71,7 +71,7 @@ from ..tasks.finetune import BudgetClock, PromptStream, es_finetuner
 from ..tasks.param_groups import group_kinds, group_mask, llm_kinds, masked_optimizer, parse_groups
 from ..tasks.finetune import COMPUTE_DTYPES as DTYPES
 from .countdown_sft import (PROMPT_LEN, SFT_FIELDS, TRACE_TOKENS, held_out_accuracy, log, make_task, make_tokenizer,
-                            measure, model_config, problem_sets, supervised_start)
+                            measure, model_config, problem_sets, supervised_start, validation_set)
 
 SHARED_FIELDS = ("train_params", "compute_dtype")  # both methods'
 STRATEGY_FIELDS = {"eggroll": ("population", "es_prompts", "sigma", "rank", "es_lr", "es_optimizer", "perturb_embeddings",
@@ -79,7 +79,7 @@ STRATEGY_FIELDS = {"eggroll": ("population", "es_prompts", "sigma", "rank", "es_
                    "grpo": ("grpo_prompts", "group_size", "grpo_lr", "clip_eps", "kl_coef", "minibatches",
                             "grpo_temperature") + SHARED_FIELDS}
 # a finished fine-tune is reused only if these match too (the budget and the end-of-run measurements)
-BUDGET_FIELDS = ("budget_s", "clock", "generations", "pass_k", "pass_k_temperature")
+BUDGET_FIELDS = ("budget_s", "clock", "generations", "pass_k", "pass_k_temperature", "eval_set")
 NO_CAP = 10**9  # the step cap of a fine-tune when --generations is 0
 
 ES_OPTIMIZERS = ("adam", "sgd")  # of config.OPTIMIZERS
@@ -95,6 +95,8 @@ class Config(harness.RunConfig):
                       ("cpu", "wall"))
     eval_every_s: float = _arg(15.0, "evaluate held-out accuracy every this many training seconds")
     eval_problems: int = _arg(512, "held-out problems")
+    eval_set: str = _arg("test", "what the fine-tunes are evaluated on: test (the held-out set) or validation (as "
+                         "many other unseen problems; what a hyperparameter search scores)", ("test", "validation"))
     strategies: str = _arg("eggroll,grpo", "which fine-tunes to run, comma separated")
     # model + supervised start
     hidden: int = _arg(64, "transformer width")
@@ -152,6 +154,7 @@ def validate(cfg: Config) -> Config:
 
     need(cfg.budget_s > 0 and cfg.eval_every_s > 0, "budget_s and eval_every_s must be > 0")
     need(cfg.clock in ("cpu", "wall"), f"clock must be cpu or wall, got {cfg.clock!r}")
+    need(cfg.eval_set in ("test", "validation"), f"eval_set must be test or validation, got {cfg.eval_set!r}")
     need(cfg.population >= 2 and cfg.population % 2 == 0, f"population must be even >= 2, got {cfg.population}")
     need(cfg.group_size >= 2, f"group_size must be >= 2, got {cfg.group_size}")
     need(cfg.sigma > 0 and cfg.es_lr > 0 and cfg.grpo_lr > 0 and cfg.sft_lr > 0, "sigma and learning rates must be > 0")
@@ -290,6 +293,9 @@ def run(cfg: Config) -> dict:
     mcfg = model_config(cfg, tok.vocab_size)
     held, train = problem_sets(cfg, task)
     setup = Setup(mcfg, tok, task, held, train, *supervised_start(cfg, mcfg, tok, task, held, train))
+    if cfg.eval_set == "validation":  # the SFT start stays the same; only what the fine-tunes are scored on moves
+        val = validation_set(cfg, task, held)
+        setup = setup._replace(held=val, start_acc=held_out_accuracy(cfg, setup.params0, mcfg, tok, task, val))
     for seed in seeds_of(cfg):
         for strategy in _csv(cfg.strategies):
             sub = fine_tune_config(cfg, strategy, seed)
@@ -369,6 +375,7 @@ def summarise(cfg: Config, run_dir: Path, records: list[dict], start_acc: float,
     seeds = seeds_of(cfg)
     finals = {(r["strategy"], r["seed"]): r for r in records if r.get("final") and r["seed"] in seeds}
     result = {"start_accuracy": start_acc, "budget_s": cfg.budget_s, "clock": cfg.clock, "seeds": seeds,
+              "eval_set": cfg.eval_set,
               "num_params": sft_meta.get("num_params"), "sft_steps": sft_meta.get("steps"),
               "processes": jax.process_count(), "devices": jax.device_count()}
     for s in _csv(cfg.strategies):
@@ -385,6 +392,7 @@ def summarise(cfg: Config, run_dir: Path, records: list[dict], start_acc: float,
                                    for k in (done[0] if done else {})}
     if distributed.is_main_process():
         plot_accuracy(records, seeds, _csv(cfg.strategies), run_dir / "curves.png",
-                      f"countdown-mini: held-out accuracy vs fine-tuning {cfg.clock} time (start {start_acc:.2f})")
+                      f"countdown-mini: {'validation' if cfg.eval_set == 'validation' else 'held-out'} accuracy vs "
+                      f"fine-tuning {cfg.clock} time (start {start_acc:.2f})")
         write_json(run_dir / "result.json", result)
     return result

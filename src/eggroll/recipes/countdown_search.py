@@ -17,8 +17,11 @@ trial k, GRPO trial k, ...), so an interrupted search has spent the same budget 
 Outputs in out_dir: <method>/trial<k>/ (the recipe's run directories), trials.jsonl (one line
 per finished trial, appended; a restarted search skips them: the draws are fixed by --seed),
 best.json (per method: best hyperparameters, score, standard error, the command that reruns
-them). The held-out set that scores the trials is the recipe's (fixed by sft_seed): confirm a
-winner with fresh fine-tuning seeds before reporting it.
+them). Trials are scored on a validation set (`--eval-set validation`: unseen problems disjoint
+from the held-out test set and the training pool), never on the test set; then each method's
+best reruns on --confirm-seeds (fresh fine-tuning seeds, <method>/confirm/) scored on the
+held-out test set with the recipe's forgetting / Pass@K measures: best.json "confirm" is the
+number to report.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ SPACES = {
     "grpo": {"grpo_lr": [1e-4, 3e-4, 1e-3, 3e-3], "group_size": [4, 8, 16], "grpo_temperature": [0.7, 1.0, 1.3],
              "grpo_prompts": [8, 16, 32]},
 }
-FIXED = ("strategies", "seeds", "seed", "run_dir", "sft_dir", "budget_s", "clock", "train_params", "resume", "progress")
+FIXED = ("strategies", "seeds", "seed", "run_dir", "sft_dir", "budget_s", "clock", "train_params", "resume", "progress",
+         "eval_set")
 
 _arg = flag
 
@@ -55,6 +59,9 @@ class Config:
     train_params: str = _arg("", "parameter groups both methods train (countdown-mini --train-params)")
     space: str = _arg("", 'JSON {"eggroll": {"field": [choices]}, "grpo": {...}} replacing those fields\' choices')
     base: str = _arg("", "JSON of other countdown-mini fields shared by every trial")
+    confirm_seeds: str = _arg("1,2,3", "after the search: each method's best reruns on these fresh seeds, scored on "
+                              "the held-out test set (empty: skip)")
+    confirm_budget_s: float = _arg(0.0, "seconds per confirmation fine-tune (0: --budget-s)")
     seed: int = _arg(0, "seed of the search's draws")
     out_dir: str = _arg("runs/search-countdown-mini", "output directory")
     progress: bool = _arg(False, "progress of the trials")
@@ -102,22 +109,27 @@ def draws(cfg: Config, space: dict, method: str) -> list[dict]:
     return [{k: rng.choice(v) for k, v in sorted(space.items())} for _ in range(cfg.trials)]
 
 
-def trial_config(cfg: Config, method: str, k: int, hp: dict, base: dict) -> cm.Config:
+def trial_config(cfg: Config, method: str, k: int | str, hp: dict, base: dict, confirm: bool = False) -> cm.Config:
+    """Trial k of `method` (scored on the validation set), or with `confirm` its rerun on the
+    confirmation seeds, scored on the held-out test set (run_dir <method>/confirm)."""
     fields = {f.name for f in dataclasses.fields(cm.Config)}
     bad = sorted(set(base) - fields) + sorted(set(base) & set(FIXED))
     if bad:
         raise ValueError(f"--base: {bad} are not countdown-mini fields a search may set")
     out = Path(cfg.out_dir)
-    return cm.Config(**{**base, **hp}, strategies=method, seeds=cfg.seeds, budget_s=cfg.budget_s, clock=cfg.clock,
-                     train_params=cfg.train_params, run_dir=str(out / method / f"trial{k}"), sft_dir=str(out / "sft"),
-                     progress=cfg.progress)
+    where = dict(seeds=cfg.confirm_seeds, budget_s=cfg.confirm_budget_s or cfg.budget_s, eval_set="test",
+                 run_dir=str(out / method / "confirm")) if confirm else \
+        dict(seeds=cfg.seeds, budget_s=cfg.budget_s, eval_set="validation", run_dir=str(out / method / f"trial{k}"))
+    return cm.Config(**{**base, **hp, **where}, strategies=method, clock=cfg.clock, train_params=cfg.train_params,
+                     sft_dir=str(out / "sft"), progress=cfg.progress)
 
 
-def command(sub: cm.Config, hp: dict) -> str:
-    args = ["eggroll", "train", "countdown-mini", "--strategies", sub.strategies, "--sft-dir", sub.sft_dir]
+def command(sub: cm.Config, hp: dict, base: dict) -> str:
+    args = ["eggroll", "train", "countdown-mini", "--strategies", sub.strategies, "--sft-dir", sub.sft_dir,
+            "--seeds", sub.seeds, "--budget-s", f"{sub.budget_s:g}", "--clock", sub.clock, "--eval-set", sub.eval_set]
     if sub.train_params:
         args += ["--train-params", sub.train_params]
-    return shlex.join(args + flag_args(hp))
+    return shlex.join(args + flag_args({**base, **hp}))
 
 
 def run(cfg: Config) -> dict:
@@ -140,7 +152,7 @@ def run(cfg: Config) -> dict:
             res = cm.run(sub)
             rec = {"method": m, "trial": k, "hp": plan[m][k], "score": res[f"{m}_accuracy"],
                    "stderr": res.get(f"{m}_accuracy_stderr"), "per_seed": res[f"{m}_accuracy_per_seed"],
-                   "start_accuracy": res["start_accuracy"], "command": command(sub, plan[m][k])}
+                   "start_accuracy": res["start_accuracy"], "command": command(sub, plan[m][k], base)}
             done.append(rec)
             with open(log, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -154,4 +166,25 @@ def run(cfg: Config) -> dict:
     result = {"methods": list(plan), "trials_per_method": cfg.trials, "budget_s": cfg.budget_s, "clock": cfg.clock,
               "seeds": cfg.seeds, "train_params": cfg.train_params, "best": best, "out_dir": str(out)}
     write_json(out / "best.json", result)
+    if cfg.confirm_seeds.strip():
+        result["confirm"] = confirm(cfg, best, base)
+        write_json(out / "best.json", result)
     return result
+
+
+def confirm(cfg: Config, best: dict, base: dict) -> dict:
+    """Each method's best draw rerun on the confirmation seeds, scored on the held-out test set
+    (resumable: finished fine-tunes are reused) -> per method accuracy mean, stderr, per seed,
+    the forgetting / coverage measures and the command."""
+    out = {}
+    for m, b in best.items():
+        if not b:
+            continue
+        sub = trial_config(cfg, m, "confirm", b["hp"], base, confirm=True)
+        res = cm.run(sub)
+        out[m] = {"accuracy": res[f"{m}_accuracy"], "stderr": res[f"{m}_accuracy_stderr"],
+                  "per_seed": res[f"{m}_accuracy_per_seed"], "start_accuracy": res["start_accuracy"],
+                  "samples_per_s": res[f"{m}_samples_per_s"], "measures": res[f"{m}_measures"],
+                  "command": command(sub, b["hp"], base)}
+        print(json.dumps({"confirm": m, **{k: out[m][k] for k in ("accuracy", "stderr", "per_seed")}}), flush=True)
+    return out

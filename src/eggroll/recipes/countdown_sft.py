@@ -67,17 +67,22 @@ def _key(ex) -> tuple:
     return (tuple(ex["numbers"]), ex["target"])
 
 
+SPLIT_VERSION = 2  # 2: the training pool also excludes the validation problems (an SFT checkpoint records it)
+
+
 def problem_sets(cfg: Config, task):
-    """(held-out examples, training pool with solver solutions); disjoint by (numbers, target)."""
+    """(held-out test examples, training pool with solver solutions). The test set and the
+    validation set (`validation_set`) are plain draws from the task's distribution (each from its
+    own seeded stream, distinct, disjoint from each other); the pool excludes both."""
     held = task.sample(random.Random(10_000 + cfg.sft_seed), cfg.eval_problems)
-    held_keys = {_key(e) for e in held}
+    unseen = {_key(e) for e in held} | {_key(e) for e in validation_set(cfg, task, held)}
     rng, train, seen = random.Random(cfg.sft_seed), [], set()
     for _ in range(100 * cfg.sft_problems):
         if len(train) == cfg.sft_problems:
             break
         ex = task.sample(rng, 1)[0]
         k = _key(ex)
-        if k in held_keys or k in seen:
+        if k in unseen or k in seen:
             continue
         seen.add(k)
         ex["solution"] = solution(cfg, ex)
@@ -85,6 +90,21 @@ def problem_sets(cfg: Config, task):
     if len(train) < cfg.sft_problems:
         raise ValueError(f"countdown-mini: only {len(train)} distinct training problems found; lower sft_problems")
     return held, train
+
+
+def validation_set(cfg: Config, task, held) -> list:
+    """`eval_problems` problems for choosing hyperparameters (a search scores its trials here, so
+    the test set stays unseen until the winners are confirmed): drawn like the test set from their
+    own seeded stream, distinct and not in it; the training pool excludes them (`problem_sets`)."""
+    used, rng, out = {_key(e) for e in held}, random.Random(20_000 + cfg.sft_seed), []
+    for _ in range(200 * cfg.eval_problems):
+        if len(out) == cfg.eval_problems:
+            return out
+        ex = task.sample(rng, 1)[0]
+        if _key(ex) not in used:
+            used.add(_key(ex))
+            out.append(ex)
+    raise ValueError(f"countdown-mini: only {len(out)} validation problems outside the test set; lower eval_problems")
 
 
 def log(cfg, msg):
@@ -96,7 +116,7 @@ def supervised_start(cfg: Config, mcfg, tok, task, held, train) -> tuple:
     """Train (or reuse) the SFT checkpoint -> (params, start accuracy, metadata). Every process
     trains the same model; process 0 writes it."""
     ckpt = Path(cfg.sft_dir) if cfg.sft_dir else Path(cfg.run_dir) / "sft"
-    sft_cfg = {k: getattr(cfg, k) for k in SFT_FIELDS}
+    sft_cfg = {**{k: getattr(cfg, k) for k in SFT_FIELDS}, "split": SPLIT_VERSION}
     template = tfm.init_params(jax.random.PRNGKey(cfg.sft_seed), mcfg)
     if distributed.checkpoint_exists(ckpt):
         params, meta = distributed.load_checkpoint(ckpt, template)
