@@ -15,9 +15,9 @@ from eggroll.config import add_dataclass_flags, config_from_flags, parse_config
 @pytest.mark.parametrize("size", ["args", "tiny"])
 @pytest.mark.parametrize("name", sorted(gpu.PARTS))
 def test_every_part_parses(name, size):
-    args = getattr(gpu.PARTS[name], size)
-    assert args[0] == "bench" and args[1] in cli.BENCHES
-    mod = importlib.import_module(cli.BENCHES[args[1]][0])
+    args = [a.replace("{tmp}", "/tmp/x") for a in getattr(gpu.PARTS[name], size)]
+    table = {"bench": cli.BENCHES, "train": cli.RECIPES}[args[0]]
+    mod = importlib.import_module(table[args[1]][0])
     parser = argparse.ArgumentParser()
     add_dataclass_flags(parser, mod.Config)
     cfg = parse_config(parser, mod.Config, list(args[2:]), getattr(mod, "PRESETS", None))
@@ -45,3 +45,26 @@ def test_tiny_part_runs_and_an_overrun_is_reported(tmp_path, capsys):
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["part"] for r in printed[-2:]] == ["throughput", "egg"]
     assert all(r.get("timed_out") for r in printed[-2:]) and cut["failed"] == ["throughput", "egg"]
+
+
+def test_tmp_dirs_are_fresh_and_an_overrun_keeps_its_printed_lines(monkeypatch):
+    seen = []
+
+    def fake_run(argv, **kw):
+        seen.append(argv)
+        raise gpu.subprocess.TimeoutExpired(argv, kw["timeout"], output=b'{"env": "a", "s_per_gen": 0.5}\nnot json\n')
+
+    monkeypatch.setattr(gpu.subprocess, "run", fake_run)
+    rec = gpu.run_part("rl", gpu.Config(tiny=True))
+    rec2 = gpu.run_part("rl", gpu.Config(tiny=True))
+    out_dirs = [a[a.index("--out-dir") + 1] for a in seen]
+    assert "{tmp}" not in " ".join(seen[0]) and out_dirs[0] != out_dirs[1]  # never an earlier run's results
+    assert rec["timed_out"] and rec["partial"] == [{"env": "a", "s_per_gen": 0.5}] and rec2["partial"]
+
+
+@pytest.mark.slow
+def test_tiny_countdown_and_rl_parts_run():
+    summary = gpu.run(gpu.Config(tiny=True, parts="countdown,rl"))
+    assert summary["failed"] == [], summary
+    assert set(summary["parts"]["rl"]["speed"]) == {"CartPole-v1", "Pendulum-v1"}
+    assert 0 <= summary["parts"]["countdown"]["eggroll_accuracy"] <= 1

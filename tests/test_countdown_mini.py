@@ -124,6 +124,11 @@ def test_countdown_mini_smoke(tmp_path):
         assert {"pass@1", "pass@16", "heldout_nll", "heldout_nll_start", "drift_norm"} <= set(res[f"{s}_measures"])
         assert res[f"{s}_measures"]["pass@1"]["mean"] <= res[f"{s}_measures"]["pass@16"]["mean"]
     assert (tmp_path / "run" / "grpo-seed0" / "checkpoint" / "arrays.safetensors").exists()
+    eq = res["equal_wall"]  # both read at the shorter method's training wall seconds
+    ends = {s: max(r["wall_s"] for r in recs if r["strategy"] == s) for s in ("eggroll", "grpo")}
+    assert eq["wall_s"] == pytest.approx(min(ends.values()))
+    short = min(ends, key=ends.get)
+    assert eq[short]["mean"] == pytest.approx(res[f"{short}_accuracy"])  # the shorter one at its end
     # a second run reuses the SFT checkpoint and skips finished (strategy, seed) runs
     res2 = cm.run(cfg)
     assert res2["eggroll_accuracy"] == res["eggroll_accuracy"] and res2["start_accuracy"] == res["start_accuracy"]

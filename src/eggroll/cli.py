@@ -41,8 +41,9 @@ BENCHES = {
     "egg-throughput": ("eggroll.bench.egg_throughput", "EGG member-bytes/s of one training generation vs the int8 GEMM bound"),
     "egg-signal": ("eggroll.bench.egg_signal", "EGG signal diagnostic: agreement of the weight changes of two runs differing only in noise seed"),
     "generate": ("eggroll.bench.generate", "LLM sampler: generation with per-member noise vs plain batched generation"),
-    "gpu": ("eggroll.bench.gpu", "the one accelerator check: time-boxed throughput / EGG / sampler parts (--tiny on CPU)"),
+    "gpu": ("eggroll.bench.gpu", "the one accelerator check: time-boxed throughput / EGG / sampler / countdown / RL parts (--tiny on CPU)"),
     "rl": ("eggroll.bench.rl", "EGGROLL vs OpenES vs PPO on several RL envs: results table, curves, speed ratios"),
+    "ppo-reference": ("eggroll.bench.ppo_reference", "our PPO vs rejax's PPO at equal env steps and hyperparameters (gymnax envs)"),
 }
 TOOLS = {
     "sample": ("eggroll.recipes.egg_sample", "generate text from a trained EGG checkpoint"),

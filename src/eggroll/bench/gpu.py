@@ -1,5 +1,5 @@
 """`eggroll bench gpu`: the project's one accelerator check, a few time-boxed parts in one command
-(<= 8 minutes on one GPU), each printing its JSON record as it finishes, so a run cut off early
+(<= 11 minutes on one GPU; `--parts` splits it over two calls), each printing its JSON record as it finishes, so a run cut off early
 still reports what it measured.
 
 Parts (each in its own process, so one part's memory and compile caches do not reach the next,
@@ -12,6 +12,14 @@ and this process never initialises a device itself):
     sampler     the per-member-noise sampler vs plain generation (`bench generate`) at the
                 Qwen2-0.5B shape (vocab 151,936, hidden 896, 24 layers, 14 / 2 heads) with
                 random weights
+    countdown   countdown-mini (`train countdown-mini`), EGGROLL at population 4,096 and GRPO,
+                each 25 s of wall clock (`--clock wall`): accuracies and samples per second
+    rl          seconds per generation of EGGROLL vs OpenES (`bench rl`) on the paper's six
+                named environments at population 2,048, 3 s of training each
+
+A "{tmp}" in a part's arguments becomes a fresh temporary directory (a run directory that must
+not reuse an earlier run's results). A part cut off by its time box reports the JSON lines it
+printed so far ("partial").
 
 Another issue adds its part as one entry of PARTS (an `eggroll` command line, a time box and the
 keys of its result to report). `--tiny` runs every part at toy sizes: the CPU check that the
@@ -27,6 +35,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -41,6 +50,9 @@ class Part:
 _EGG_PAPER = "--preset paper --population 262144 --chunk 4096 --generations 10"
 _QWEN2_05B = ("--vocab", "151936", "--hidden", "896", "--layers", "24", "--heads", "14", "--kv-heads", "2",
               "--intermediate", "4864", "--dtype", "bfloat16")
+
+_RL_SIX = ("Pendulum-v1,brax/inverted_double_pendulum,Craftax-Symbolic-v1,Game2048-v1,kinetix/m/h17_thrustcontrol_left,"
+           "Navix-DoorKey-8x8-v0")
 
 PARTS = {
     "throughput": Part(
@@ -63,6 +75,22 @@ PARTS = {
          "--intermediate", "32", "--members", "4", "--prompts-per-member", "2", "--prompt-len", "4",
          "--new-tokens", "4", "--reps", "1", "--inner", "1", "--warmup", "0"),
         120, ("noise_over_plain", "per_row_over_plain", "timings_ms", "device")),
+    "countdown": Part(
+        ("train", "countdown-mini", "--population", "4096", "--es-prompts", "16", "--clock", "wall", "--budget-s", "25",
+         "--eval-every-s", "5", "--seeds", "0", "--pass-k", "0", "--no-progress", "--run-dir", "{tmp}"),
+        ("train", "countdown-mini", "--hidden", "16", "--layers", "1", "--sft-problems", "200", "--eval-problems", "16",
+         "--sft-max-steps", "5", "--population", "8", "--es-prompts", "2", "--grpo-prompts", "2", "--group-size", "2",
+         "--clock", "wall", "--budget-s", "1", "--eval-every-s", "1", "--seeds", "0", "--pass-k", "0",
+         "--no-progress", "--run-dir", "{tmp}"),
+        120, ("start_accuracy", "eggroll_accuracy", "grpo_accuracy", "eggroll_samples_per_s", "grpo_samples_per_s",
+              "devices")),
+    "rl": Part(
+        ("bench", "rl", "--envs", _RL_SIX, "--methods", "eggroll,open_es", "--seeds", "1", "--budget-wall-s", "3",
+         "--population", "2048", "--eval-every", "1000", "--eval-episodes", "1", "--out-dir", "{tmp}"),
+        ("bench", "rl", "--envs", "CartPole-v1,Pendulum-v1", "--methods", "eggroll,open_es", "--seeds", "1",
+         "--budget-wall-s", "0.5", "--population", "8", "--hidden", "8", "--eval-every", "1000", "--eval-episodes", "1",
+         "--out-dir", "{tmp}"),
+        90, ("speed",)),
 }
 
 
@@ -87,15 +115,21 @@ def selected(cfg: Config) -> list[str]:
 def run_part(name: str, cfg: Config) -> dict:
     """One part in its own process, within its time box; its record (never raises for the part)."""
     part = PARTS[name]
-    args = part.tiny if cfg.tiny else part.args
-    box = max(1, round(part.seconds * cfg.time_scale * (3 if cfg.tiny else 1)))
+    with tempfile.TemporaryDirectory(prefix=f"eggroll-gpu-{name}-") as tmp:
+        args = [a.replace("{tmp}", tmp) for a in (part.tiny if cfg.tiny else part.args)]
+        return _run_args(name, args, max(1, round(part.seconds * cfg.time_scale * (3 if cfg.tiny else 1))), part.report)
+
+
+def _run_args(name: str, args: list[str], box: int, report: tuple) -> dict:
     rec: dict = {"part": name, "command": "eggroll " + " ".join(_quote(a) for a in args), "time_box_s": box}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", "eggroll.cli", *args], capture_output=True, text=True,
                               timeout=box)
-    except subprocess.TimeoutExpired:
-        rec.update(ok=False, timed_out=True, wall_s=round(time.perf_counter() - t0, 1))
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        rec.update(ok=False, timed_out=True, wall_s=round(time.perf_counter() - t0, 1),
+                   partial=[json.loads(x) for x in out.splitlines() if x.startswith("{")][-20:])
         return rec
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
     lines = proc.stdout.strip().splitlines()
@@ -103,7 +137,7 @@ def run_part(name: str, cfg: Config) -> dict:
         rec.update(ok=False, error=(proc.stderr.strip().splitlines() or ["(no output)"])[-1][:500])
         return rec
     result = json.loads(lines[-1])
-    rec.update(ok=True, result={k: result[k] for k in part.report if k in result})
+    rec.update(ok=True, result={k: result[k] for k in report if k in result})
     return rec
 
 

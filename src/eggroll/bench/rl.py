@@ -1,6 +1,7 @@
 """RL comparison: EGGROLL vs full-rank OpenES vs PPO on several environments, several seeds.
 
     eggroll bench rl --envs CartPole-v1,Pendulum-v1,MPE_simple_spread_v3 --seeds 3 --budget-wall-s 20
+    eggroll bench rl --seeds 3 --budget-wall-s 10      # the 16 environments + 3 MPE tasks (DEFAULT_ENVS)
 
 For every (env, method) it runs the `rl` recipe (eggroll.recipes.rl: same adapters, same MLP
 sizes, same deterministic evaluation) with the same per-seed budget: `budget_steps` env steps
@@ -12,9 +13,12 @@ excluded, so every method and seed gets the same training time). Outputs in out_
                             method: mean over seeds, band = +- stderr (curves interpolated onto
                             a common grid up to the shortest seed's extent; env steps on a log
                             axis, since methods spend steps at very different rates)
-    results.md              table: final eval return mean +- stderr per method, and the speed
-                            ratio EGGROLL / OpenES: median seconds per generation (both run the
-                            same population, horizon and MLP, so this is the cost of the noise)
+    results.md              table: per method the eval return at EQUAL ENV STEPS and at EQUAL
+                            TRAINING SECONDS (mean +- stderr over seeds at the common extent,
+                            normalised start -> best method; bench.rl_compare), the EGGROLL vs
+                            OpenES verdict (better / competitive / worse by one standard error)
+                            and its count, and the speed ratio EGGROLL / OpenES: median seconds
+                            per generation (same population, horizon and MLP: the noise's cost)
     results.json            everything above as data (the CLI's final JSON line)
 
 An (env, method) whose run directory already holds a result.json for the same seeds and budget
@@ -33,14 +37,21 @@ from pathlib import Path
 import numpy as np
 
 from ..recipes import rl as recipe
+from . import rl_compare
 from ..runlog import read_metrics, write_json
 from ..tasks import rl as rlt
 
-# kinetix/m/h17_thrustcontrol_left is the paper's Thrust Control Left (install: docs/RL.md; without
-# Kinetix its row records the install error and the bench goes on)
-DEFAULT_ENVS = ("CartPole-v1,Pendulum-v1,brax/inverted_double_pendulum,Game2048-v1,Navix-DoorKey-5x5-v0,"
-                "Craftax-Classic-Symbolic-v1,kinetix/m/h17_thrustcontrol_left,MPE_simple_spread_v3,"
-                "MPE_simple_speaker_listener_v4")
+# 16 environments from every suite, the paper's named six among them (Pendulum-v1, brax inverted
+# double pendulum, Craftax-Symbolic, Jumanji 2048, Kinetix Thrust Control Left -- install: docs/RL.md;
+# without Kinetix its rows record the install error and the bench goes on -- Navix DoorKey-8x8), then
+# the paper's three MPE tasks
+SIXTEEN_ENVS = ("CartPole-v1", "Pendulum-v1", "Acrobot-v1", "MountainCarContinuous-v0", "Breakout-MinAtar",
+                "brax/inverted_double_pendulum", "brax/inverted_pendulum", "Craftax-Symbolic-v1",
+                "Craftax-Classic-Symbolic-v1", "Game2048-v1", "kinetix/m/h17_thrustcontrol_left",
+                "kinetix/m/h16_thrustcontrol_right", "Navix-DoorKey-8x8-v0", "Navix-DoorKey-5x5-v0",
+                "Navix-Empty-8x8-v0", "Navix-FourRooms-v0")
+MPE_ENVS = ("MPE_simple_spread_v3", "MPE_simple_speaker_listener_v4", "MPE_simple_reference_v3")
+DEFAULT_ENVS = ",".join(SIXTEEN_ENVS + MPE_ENVS)
 
 
 def _arg(default, help: str):
@@ -55,6 +66,7 @@ class Config:
     budget_steps: int = _arg(10**9, "env steps per seed")
     budget_wall_s: float = _arg(20.0, "training seconds per seed (0: no limit)")
     hidden: str = _arg("", "hidden sizes for every run (empty: each env's preset / 256,256,256)")
+    population: int = _arg(0, "ES population for every run (0: each env's preset)")
     eval_every: int = _arg(2, "evaluate every k generations / updates")
     eval_episodes: int = _arg(8, "episodes per evaluation")
     out_dir: str = _arg("runs/bench-rl", "output directory")
@@ -114,22 +126,50 @@ def plot_env(env: str, curves: dict[str, list[dict]], path: Path, budget: str) -
     plt.close(fig)
 
 
-def _fmt(r: dict | None) -> str:
-    return "—" if r is None else f"{r['mean_return']:.4g} ± {r['stderr']:.2g}"
+def _at(row: dict, x: str, method: str) -> str:
+    c = row.get("compare")
+    p = c and c[x]["methods"].get(method)
+    return "—" if not p else f"{p['mean']:.4g} ± {p['stderr']:.2g} ({c[x]['normalised'][method]:.2f})"
 
 
 def table(rows: list[dict], methods: list[str]) -> str:
-    head = ["env", "suite", *methods, "s/gen EGGROLL", "s/gen OpenES", "EGGROLL/OpenES time", "params"]
+    """Markdown: per env the return at equal env steps and at equal training seconds (each method's
+    mean ± stderr over seeds at the common extent, normalised in brackets; rl_compare), the
+    EGGROLL-vs-OpenES verdict, and seconds per generation."""
+    head = ["env", "suite", "equal steps", *methods, "EGGROLL vs OpenES", "equal seconds", *methods,
+            "s/gen EGGROLL", "s/gen OpenES", "EGGROLL/OpenES time", "params"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        res = row["results"]
+        res, c = row["results"], row.get("compare") or {}
         eg, oe = res.get("eggroll"), res.get("open_es")
-        sg = lambda r: "—" if r is None else f"{r['s_per_gen']:.3g}"
+        sg = lambda r: "—" if r is None else f"{r['s_per_gen']:.3g}"  # noqa: E731
         ratio = f"{eg['s_per_gen'] / oe['s_per_gen']:.2f}" if eg and oe else "—"
         params = next((r["num_params"] for r in res.values() if r), "—")
-        lines.append("| " + " | ".join([row["env"], row["suite"], *(_fmt(res.get(m)) for m in methods),
-                                        sg(eg), sg(oe), ratio, str(params)]) + " |")
+        ext = lambda x, f: f.format(c[x]["extent"]) if c else "—"  # noqa: E731
+        errs = "; ".join(f"{m}: {e}" for m, e in row["errors"].items())
+        lines.append("| " + " | ".join([row["env"] + (f" (errors: {errs[:120]})" if errs else ""), row["suite"],
+                                        ext("steps", "{:.3g}"), *(_at(row, "steps", m) for m in methods),
+                                        c.get("verdict") or "—", ext("wall", "{:.3g} s"),
+                                        *(_at(row, "wall", m) for m in methods), sg(eg), sg(oe), ratio,
+                                        str(params)]) + " |")
+    verdicts = [r["compare"]["verdict"] for r in rows if r.get("compare") and r["compare"]["verdict"]]
+    if verdicts:
+        count = {v: verdicts.count(v) for v in ("better", "competitive", "worse")}
+        lines.append(f"\nEGGROLL vs OpenES at equal env steps over {len(verdicts)} environments: better {count['better']}, "
+                     f"competitive {count['competitive']}, worse {count['worse']} (one combined standard error); "
+                     f"EGGROLL >= OpenES within one standard error on {len(verdicts) - count['worse']}.")
     return "\n".join(lines) + "\n"
+
+
+def speed(rows: list[dict]) -> dict:
+    """Per env where both ran: EGGROLL's and OpenES's median seconds per generation and their ratio."""
+    out = {}
+    for r in rows:
+        eg, oe = r["results"].get("eggroll"), r["results"].get("open_es")
+        if eg and oe:
+            out[r["env"]] = {"eggroll_s_per_gen": eg["s_per_gen"], "open_es_s_per_gen": oe["s_per_gen"],
+                             "eggroll_over_open_es": eg["s_per_gen"] / oe["s_per_gen"]}
+    return out
 
 
 def run(cfg: Config) -> dict:
@@ -150,8 +190,9 @@ def run(cfg: Config) -> dict:
             run_dir = out / _slug(env) / method
             rc = recipe.Config(env=env, strategy=method, seeds=cfg.seeds, budget_steps=cfg.budget_steps,
                                budget_wall_s=cfg.budget_wall_s, hidden=cfg.hidden or None, eval_every=cfg.eval_every,
+                               population=cfg.population or None,
                                eval_episodes=cfg.eval_episodes, run_dir=str(run_dir), progress=cfg.progress)
-            key = {k: getattr(rc, k) for k in ("seeds", "budget_steps", "budget_wall_s", "hidden")}
+            key = {k: getattr(rc, k) for k in ("seeds", "budget_steps", "budget_wall_s", "hidden", "population")}
             done = run_dir / "result.json"
             try:
                 prev = json.loads(done.read_text()) if done.exists() else None
@@ -165,18 +206,20 @@ def run(cfg: Config) -> dict:
                 row["results"][method], curves[method] = prev, cs
             except Exception as e:  # noqa: BLE001 -- one broken env/method must not lose the rest of the bench
                 row["errors"][method] = f"{type(e).__name__}: {e}"[:400]
-            print(json.dumps({"env": env, "method": method, "mean_return": row["results"].get(method, {}).get("mean_return"),
-                              "error": row["errors"].get(method), "elapsed_s": round(time.perf_counter() - t0, 1)}),
-                  flush=True)
+            got = row["results"].get(method, {})
+            print(json.dumps({"env": env, "method": method, "mean_return": got.get("mean_return"),
+                              "s_per_gen": got.get("s_per_gen"), "error": row["errors"].get(method),
+                              "elapsed_s": round(time.perf_counter() - t0, 1)}), flush=True)
         if curves:
             plot_env(env, curves, out / f"{_slug(env)}.png", budget)
+            row["compare"] = rl_compare.compare(curves)
         rows.append(row)
         (out / "results.md").write_text(table(rows, methods))
     summary = {"budget": budget, "seeds": cfg.seeds, "out_dir": str(out),
-               "rows": [{"env": r["env"], "suite": r["suite"], "errors": r["errors"],
+               "rows": [{"env": r["env"], "suite": r["suite"], "errors": r["errors"], "compare": r.get("compare"),
                          **{m: {k: r["results"][m][k] for k in ("mean_return", "stderr", "wall_s", "env_steps",
                                                                "s_per_gen", "compile_s", "num_params")}
                             for m in r["results"]}} for r in rows],
-               "wall_s": round(time.perf_counter() - t0, 1), "config": dataclasses.asdict(cfg)}
+               "speed": speed(rows), "wall_s": round(time.perf_counter() - t0, 1), "config": dataclasses.asdict(cfg)}
     write_json(out / "results.json", summary)
     return summary

@@ -371,6 +371,24 @@ def plot_accuracy(records, seeds, strategies, path, title):
     plt.close(fig)
 
 
+def at_equal_wall(records: list[dict], seeds: list[int], strategies: list[str]) -> dict | None:
+    """Every strategy's accuracy at the same training wall-clock seconds: the common extent of
+    all finished fine-tunes' curves (bench.rl_compare; the budget clock may be CPU time, on which
+    the methods' wall seconds differ), mean and standard error over seeds."""
+    from ..bench import rl_compare
+
+    curves = {}
+    for s in strategies:
+        per_seed = [[r for r in records if r["strategy"] == s and r["seed"] == seed] for seed in seeds]
+        if not all(recs and recs[-1].get("final") for recs in per_seed):
+            return None
+        curves[s] = [{"wall": np.array([r["wall_s"] for r in recs]), "ret": np.array([r["accuracy"] for r in recs])}
+                     for recs in per_seed]
+    at = rl_compare.common_extent(curves, "wall")
+    return {"wall_s": at, **{s: {k: v for k, v in rl_compare.at_extent(cs, "wall", at).items() if k != "at"}
+                             for s, cs in curves.items()}}
+
+
 def summarise(cfg: Config, run_dir: Path, records: list[dict], start_acc: float, sft_meta: dict) -> dict:
     seeds = seeds_of(cfg)
     finals = {(r["strategy"], r["seed"]): r for r in records if r.get("final") and r["seed"] in seeds}
@@ -390,6 +408,7 @@ def summarise(cfg: Config, run_dir: Path, records: list[dict], start_acc: float,
         done = [r["measures"] for r in (_finished(fine_tune_config(cfg, s, seed)) for seed in seeds) if r and "measures" in r]
         result[f"{s}_measures"] = {k: {"mean": float(np.mean([d[k] for d in done])), "stderr": stderr([d[k] for d in done])}
                                    for k in (done[0] if done else {})}
+    result["equal_wall"] = at_equal_wall(records, seeds, _csv(cfg.strategies))
     if distributed.is_main_process():
         plot_accuracy(records, seeds, _csv(cfg.strategies), run_dir / "curves.png",
                       f"countdown-mini: {'validation' if cfg.eval_set == 'validation' else 'held-out'} accuracy vs "
