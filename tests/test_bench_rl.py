@@ -34,7 +34,9 @@ def test_equal_steps_reads_every_method_at_the_shortest_extent():
 
 
 @pytest.mark.parametrize("egg, oes, expected", [((10, 1), (9.5, 1), "competitive"), ((12, 1), (10, 1), "better"),
-                                                ((8, 1), (10, 1), "worse"), ((9, 0), (10, 2), "competitive")])
+                                                ((8, 1), (10, 1), "worse"), ((9, 0), (10, 2), "competitive"),
+                                                ((0.1077, 1e-5), (0.1074, 3e-4), "competitive"),  # a 0.3% gap: a tie
+                                                ((0.1077, 1e-5), (0.1060, 3e-4), "better")])
 def test_verdict_is_one_combined_standard_error(egg, oes, expected):
     assert rc.verdict({"mean": egg[0], "stderr": egg[1]}, {"mean": oes[0], "stderr": oes[1]}) == expected
 

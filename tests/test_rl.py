@@ -299,7 +299,7 @@ def _state_arrays(run_dir, seeds):
     return {(s, k): v for s, f in files.items() for k, v in load_file(str(f)).items()}
 
 
-@pytest.mark.parametrize("strategy", ["eggroll", "ppo"])
+@pytest.mark.parametrize("strategy", ["eggroll", pytest.param("ppo", marks=pytest.mark.slow)])  # ppo: 18 s, slow
 def test_resume_continues_interrupted_seeds_exactly_and_skips_finished(tmp_path, capsys, strategy):
     """Seeds stopped by the time limit at generation 0 continue to equal an uninterrupted run; a
     second --resume finds them finished and trains nothing; a changed hyperparameter is refused."""

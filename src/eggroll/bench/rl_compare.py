@@ -12,7 +12,10 @@ amounts of experience. Here every method of an environment is read at the same p
     verdict       EGGROLL against OpenES at equal env steps: "better" if its mean exceeds
                   OpenES's by more than one combined standard error sqrt(se_e^2 + se_o^2),
                   "worse" if it falls short by more, else "competitive" (the paper's three
-                  classes); EGGROLL >= OpenES "within one standard error" = not "worse"
+                  classes); EGGROLL >= OpenES "within one standard error" = not "worse".
+                  A gap under TIE_FRACTION of the larger |mean| is "competitive" whatever the
+                  standard errors (two flat curves with seed-identical returns have stderr
+                  ~1e-5, and a 0.3% gap would otherwise read as "better")
 
 A curve is a dict of numpy arrays "steps", "wall" and "ret" (bench.rl.seed_curves).
 """
@@ -51,8 +54,13 @@ def normalised(points: dict[str, dict], start: float) -> dict[str, float]:
     return {m: (1.0 if span <= 0 else (p["mean"] - start) / span) for m, p in points.items()}
 
 
+TIE_FRACTION = 0.01
+
+
 def verdict(eggroll: dict, open_es: dict) -> str:
-    gap, se = eggroll["mean"] - open_es["mean"], math.hypot(eggroll["stderr"], open_es["stderr"])
+    gap = eggroll["mean"] - open_es["mean"]
+    se = max(math.hypot(eggroll["stderr"], open_es["stderr"]),
+             TIE_FRACTION * max(abs(eggroll["mean"]), abs(open_es["mean"])))
     if gap > se:
         return "better"
     return "worse" if gap < -se else "competitive"

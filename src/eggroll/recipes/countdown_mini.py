@@ -38,7 +38,9 @@ Fair comparison: `--train-params all` (or a group list) trains the same paramete
 methods; `eggroll.recipes.countdown_search` searches both with an equal trial budget. Each
 fine-tune's result.json has "measures" (Pass@1..Pass@K at `--pass-k` samples, held-out NLL
 before / after, drift ||theta - theta_0||); the top result.json their mean and standard error
-over seeds as `<method>_measures`, and `<method>_accuracy_stderr`. `--anchor-decay` (EGGROLL),
+over seeds as `<method>_measures`, and `<method>_accuracy_stderr`; "equal_wall": every method's
+accuracy at the same training wall seconds (the shortest method's; the CPU budget gives the
+methods different wall times). `--anchor-decay` (EGGROLL),
 `--grpo-temperature`, `--compute-dtype bfloat16`; `--trace --max-new-tokens 112`: answers carry
 a worked reasoning trace (docs/LLM.md).
 
