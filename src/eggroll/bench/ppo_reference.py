@@ -90,7 +90,7 @@ def run_rejax(conf: dict, seed: int, episodes: int) -> float:
         if not algo.discrete:
             space = algo.action_space
             a = jnp.clip(a, space.low, space.high)
-        return jnp.squeeze(a, 0) if algo.discrete else a[0]
+        return a[0]
 
     _, returns = evaluate(act, jax.random.PRNGKey(10_000 + seed), algo.env, algo.env_params, episodes,
                           algo.env_params.max_steps_in_episode)
@@ -98,8 +98,7 @@ def run_rejax(conf: dict, seed: int, episodes: int) -> float:
 
 
 def _summary(vals: list[float]) -> dict:
-    se = float(np.std(vals, ddof=1) / math.sqrt(len(vals))) if len(vals) > 1 else 0.0
-    return {"mean": float(np.mean(vals)), "stderr": se, "per_seed": vals}
+    return {"mean": float(np.mean(vals)), "stderr": rlt.stderr(vals), "per_seed": vals}
 
 
 def run(cfg: Config) -> dict:
@@ -116,8 +115,7 @@ def run(cfg: Config) -> dict:
         hp = resolve(rc)
         ours = recipe.run(rc)
         conf = rejax_config(hp, env, cfg.budget_steps)
-        ref = [run_rejax(dict(conf, agent_kwargs=dict(conf["agent_kwargs"])), rc.seed + i, cfg.eval_episodes)
-               for i in range(cfg.seeds)]
+        ref = [run_rejax(conf, rc.seed + i, cfg.eval_episodes) for i in range(cfg.seeds)]  # rejax deep-copies it
         a, b = _summary([s["final_return"] for s in ours["per_seed"]]), _summary(ref)
         within = a["mean"] >= b["mean"] - math.hypot(a["stderr"], b["stderr"])
         rows[env] = {"ours": a, "rejax": b, "within": bool(within), "env_steps_ours": ours["env_steps"],

@@ -26,6 +26,8 @@ import math
 
 import numpy as np
 
+from ..tasks.rl import stderr
+
 
 def common_extent(curves: dict[str, list[dict]], x: str) -> float:
     """The largest x every method's every seed reached (0 if some curve is empty)."""
@@ -36,8 +38,7 @@ def common_extent(curves: dict[str, list[dict]], x: str) -> float:
 def at_extent(curves: list[dict], x: str, at: float) -> dict:
     """Mean and standard error over seeds of the eval return interpolated at x = at."""
     vals = np.array([float(np.interp(at, c[x], c["ret"])) for c in curves if len(c[x])])
-    se = float(vals.std(ddof=1) / math.sqrt(len(vals))) if len(vals) > 1 else 0.0
-    return {"at": at, "mean": float(vals.mean()) if len(vals) else float("nan"), "stderr": se,
+    return {"at": at, "mean": float(vals.mean()) if len(vals) else float("nan"), "stderr": stderr(vals),
             "per_seed": [float(v) for v in vals]}
 
 
