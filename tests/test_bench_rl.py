@@ -84,8 +84,28 @@ def test_ppo_reference_gives_rejax_our_resolved_settings():
     assert conf["learning_rate"] == hp["ppo_lr"] == 1e-3 and conf["ent_coef"] == hp["ent_coef"] == 0.0  # the preset
     assert conf["agent_kwargs"] == {"activation": "tanh", "hidden_layer_sizes": (256, 256, 256)}
     assert conf["total_timesteps"] == 4096
-    with pytest.raises(ValueError, match="gymnax"):
-        pr.run(pr.Config(envs="brax/hopper"))
+    with pytest.raises(ValueError, match="gymnax or brax"):
+        pr.run(pr.Config(envs="Game2048-v1"))
+
+
+def test_ppo_reference_gives_brax_our_resolved_settings():
+    """brax's PPO collects batch_size x num_minibatches unrolls of unroll_length per update: with
+    batch_size = num_envs / minibatches that is one rollout_len unroll per env, as ours."""
+    from eggroll.bench import ppo_reference as pr
+    from eggroll.recipes import rl as recipe
+    from eggroll.recipes.rl_presets import resolve
+
+    hp = resolve(recipe.Config(env="brax/inverted_pendulum", strategy="ppo", anneal_lr=False))
+    conf = pr.brax_config(hp, 10_000, 8)
+    assert conf["batch_size"] * conf["num_minibatches"] * conf["unroll_length"] == hp["num_envs"] * hp["rollout_len"]
+    assert (conf["num_envs"], conf["num_minibatches"], conf["num_updates_per_batch"]) == (
+        hp["num_envs"], hp["minibatches"], hp["ppo_epochs"])
+    assert (conf["learning_rate"], conf["entropy_cost"], conf["discounting"], conf["clipping_epsilon"]) == (
+        hp["ppo_lr"], hp["ent_coef"], hp["gamma"], hp["clip_eps"])
+    assert conf["clipping_epsilon_value"] == hp["clip_eps"] and conf["num_eval_envs"] == 8 and conf["deterministic_eval"]
+    assert conf["normalize_observations"] is False and conf["num_timesteps"] == 10_000
+    with pytest.raises(ValueError, match="divisible"):
+        pr.brax_config({**hp, "num_envs": 6, "minibatches": 4}, 10_000, 8)
 
 
 @pytest.mark.slow
@@ -95,4 +115,16 @@ def test_ppo_reference_runs_both(tmp_path):
 
     out = pr.run(pr.Config(envs="CartPole-v1", seeds=1, budget_steps=4096, eval_episodes=2, out_dir=str(tmp_path)))
     row = out["rows"]["CartPole-v1"]
-    assert row["ours"]["mean"] > 0 and row["rejax"]["mean"] > 0 and isinstance(row["within"], bool)
+    assert row["implementation"] == "rejax"
+    assert row["ours"]["mean"] > 0 and row["reference"]["mean"] > 0 and isinstance(row["within"], bool)
+
+
+@pytest.mark.slow
+def test_ppo_reference_runs_brax(tmp_path):
+    pytest.importorskip("brax")
+    from eggroll.bench import ppo_reference as pr
+
+    out = pr.run(pr.Config(envs="brax/inverted_pendulum", seeds=1, budget_steps=4096, eval_episodes=2,
+                           out_dir=str(tmp_path)))
+    row = out["rows"]["brax/inverted_pendulum"]
+    assert row["implementation"] == "brax" and row["ours"]["mean"] > 0 and row["reference"]["mean"] > 0

@@ -5,6 +5,7 @@ normalisation (statistics vs numpy, ES and PPO) and exact --resume with the new 
 
 Fake environments here (`counting_env`) are also used by test_ppo.py."""
 
+import dataclasses
 import json
 
 import jax
@@ -178,6 +179,49 @@ def test_open_es_has_its_own_presets():
                                                                                                       "open_es")}
     assert (sl["eggroll"]["lr_decay"], sl["open_es"]["lr_decay"]) == (0.7, 0.3)
     assert recipe.resolve(recipe.Config(env="MPE_simple_reference_v3", strategy="open_es", sigma=0.2))["sigma"] == 0.2
+
+
+def test_tuned_presets_sit_between_the_hand_presets_and_the_flags(tmp_path, monkeypatch):
+    """tune --record writes the best trial as TUNED[env][method]; resolve layers it over PRESETS
+    (that method only), flags over it; obs_norm, a `bool | None` switch, follows the preset until
+    --obs-norm / --no-obs-norm is given."""
+    from eggroll import tune
+    from eggroll.recipes import rl_presets
+
+    path = tmp_path / "rl_tuned.json"
+    monkeypatch.setattr(rl_presets, "TUNED_PATH", path)
+    monkeypatch.setattr(rl_presets, "TUNED", {})
+    cfg = tune.Config(env="Pendulum-v1", strategy="open_es", trials=3, budget_steps=1000, space='{"sigma": [0.3]}')
+    best = {"sigma": 0.3, "lr": 0.05, "obs_norm": True, "population": 32}
+    table = tune.record(cfg, {"best": best, "best_score": -300.0, "best_stderr": 0.0, "trials": 3})
+    assert json.loads(path.read_text()) == table == rl_presets.TUNED
+    entry = table["Pendulum-v1"]["open_es"]
+    assert entry["hp"] == best and entry["score"] == -300.0
+    assert entry["search"].startswith("eggroll tune --env Pendulum-v1 --strategy open_es --trials 3") and \
+        "--space '{\"sigma\": [0.3]}'" in entry["search"]
+    hand = rl_presets.PRESETS["Pendulum-v1"]["es"]
+    oe = recipe.resolve(recipe.Config(env="Pendulum-v1", strategy="open_es"))
+    eg = recipe.resolve(recipe.Config(env="Pendulum-v1", strategy="eggroll"))
+    assert (oe["sigma"], oe["lr"], oe["obs_norm"], oe["population"]) == (0.3, 0.05, True, 32)
+    assert oe["max_steps"] == hand["max_steps"]  # a field the search did not sample: the hand preset
+    assert (eg["sigma"], eg["lr"], eg["obs_norm"]) == (hand["sigma"], hand["lr"], False)  # the other method: untouched
+    flags = recipe.resolve(recipe.Config(env="Pendulum-v1", strategy="open_es", sigma=0.1, obs_norm=False))
+    assert (flags["sigma"], flags["obs_norm"], flags["lr"]) == (0.1, False, 0.05)
+    table = tune.record(dataclasses.replace(cfg, strategy="ppo"), {"best": {"ppo_lr": 1e-4}, "best_score": -200.0,
+                                                                      "best_stderr": 1.0, "trials": 3})
+    assert set(table["Pendulum-v1"]) == {"open_es", "ppo"}  # one entry per method, the others kept
+    assert recipe.resolve(recipe.Config(env="Pendulum-v1", strategy="ppo"))["ppo_lr"] == 1e-4
+
+
+def test_optional_switches_parse_to_none_true_false():
+    import argparse
+
+    from eggroll.config import add_dataclass_flags, parse_into
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, recipe.Config)
+    got = [parse_into(recipe.Config, parser.parse_args(a)).obs_norm for a in ([], ["--obs-norm"], ["--no-obs-norm"])]
+    assert got == [None, True, False]
 
 
 # ------------------------------------------------------------------ 8: bad input

@@ -35,18 +35,19 @@ def flag(default, help: str, choices=None):
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One `--field-name` flag per field of the dataclass `cls` (booleans: --x / --no-x)."""
+    """One `--field-name` flag per field of the dataclass `cls` (booleans and `bool | None`: --x / --no-x)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name = "--" + f.name.replace("_", "-")
         typ = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         helptext = f.metadata.get("help", "")
-        if typ is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{helptext} (default: {default})")
-            continue
         args = typing.get_args(typ)
+        if typ is bool or set(args) == {bool, type(None)}:  # bool | None: None when neither flag is given
+            shown = "the preset's" if default is None else default
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{helptext} (default: {shown})")
+            continue
         base = next((a for a in args if a is not type(None)), str) if args else typ
         choices = f.metadata.get("choices")
         parser.add_argument(name, type=base, default=default, choices=choices,

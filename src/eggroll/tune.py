@@ -11,6 +11,10 @@ space is SPACES["es"] with pop {128 ... 4096} (here smaller populations, for a C
 out_dir: trial<k>/ (the recipe's run directories), trials.jsonl (one line per trial, appended as
 trials finish; an interrupted search resumes after the last finished trial), best.json, and the
 final JSON with the best hyperparameters and the `eggroll train rl` command that reruns them.
+`--record` makes the best configuration the (environment, method)'s tuned preset: it is written
+to eggroll/recipes/rl_tuned.json with its score and this search's command, and every later run
+of that pair starts from it (rl_presets.TUNED; flags still override it). A search starts from the
+presets in force, tuned ones included, for the fields it does not sample.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .recipes import rl as recipe
+from .recipes import rl_presets
 from .runlog import write_json
 from .config import flag, flag_args
 
@@ -62,6 +67,10 @@ class Config:
     seed: int = _arg(0, "seed of the search itself")
     out_dir: str = _arg("", "output directory; empty: runs/tune-<env>-<strategy>")
     progress: bool = _arg(False, "progress bars of the trials")
+    record: bool = _arg(False, "make the best configuration this (env, strategy)'s tuned preset (recipes/rl_tuned.json)")
+
+# Config fields that define a search (what `search_command` reproduces).
+SEARCH_FIELDS = ("env", "strategy", "trials", "seeds", "budget_steps", "budget_wall_s", "hidden", "space", "seed")
 
 
 def search_space(cfg: Config) -> dict[str, list]:
@@ -90,6 +99,24 @@ def command(cfg: Config, hp: dict) -> str:
     if cfg.hidden:
         args += ["--hidden", cfg.hidden]
     return shlex.join(args + flag_args(hp))
+
+
+def search_command(cfg: Config) -> str:
+    return shlex.join(["eggroll", "tune", *flag_args({k: getattr(cfg, k) for k in SEARCH_FIELDS if getattr(cfg, k) != ""})])
+
+
+def record(cfg: Config, result: dict, path: Path | None = None) -> dict:
+    """Write the search's best as TUNED[env][strategy] into rl_tuned.json (and the loaded table)."""
+    path = Path(path or rl_presets.TUNED_PATH)
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table.setdefault(rl_presets.preset_key(cfg.env), {})[cfg.strategy] = {
+        "hp": result["best"], "score": result["best_score"], "stderr": result["best_stderr"],
+        "trials": result["trials"], "search": search_command(cfg)}
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    if path == rl_presets.TUNED_PATH:
+        rl_presets.TUNED.clear()
+        rl_presets.TUNED.update(table)
+    return table
 
 
 def run(cfg: Config) -> dict:
@@ -126,4 +153,7 @@ def run(cfg: Config) -> dict:
               "best_stderr": best["stderr"], "best": best["hp"], "command": command(cfg, best["hp"]),
               "out_dir": str(out)}
     write_json(out / "best.json", result)
+    if cfg.record:
+        record(cfg, result)
+        result["recorded"] = str(rl_presets.TUNED_PATH)
     return result

@@ -21,8 +21,8 @@ excluded, so every method and seed gets the same training time). Outputs in out_
                             per generation (same population, horizon and MLP: the noise's cost)
     results.json            everything above as data (the CLI's final JSON line)
 
-An (env, method) whose run directory already holds a result.json for the same seeds and budget
-is not re-run (resume a long bench by running the same command again); `--report-only` rebuilds
+An (env, method) whose run directory already holds a result.json for the same seeds, budget and
+resolved hyperparameters (presets included, tuned ones too) is not re-run (resume a long bench by running the same command again); `--report-only` rebuilds
 the table and plots from whatever has finished, training nothing.
 """
 
@@ -192,13 +192,14 @@ def run(cfg: Config) -> dict:
                                budget_wall_s=cfg.budget_wall_s, hidden=cfg.hidden or None, eval_every=cfg.eval_every,
                                population=cfg.population or None,
                                eval_episodes=cfg.eval_episodes, run_dir=str(run_dir), progress=cfg.progress)
-            key = {k: getattr(rc, k) for k in ("seeds", "budget_steps", "budget_wall_s", "hidden", "population")}
+            key = {**{k: getattr(rc, k) for k in ("seeds", "budget_steps", "budget_wall_s", "hidden", "population")},
+                   "hp": json.loads(json.dumps(recipe.resolve(rc)))}  # a changed (e.g. tuned) preset re-runs
             done = run_dir / "result.json"
             try:
                 prev = json.loads(done.read_text()) if done.exists() else None
-                if prev is None or prev.get("bench_key") != key:
-                    if cfg.report_only:
-                        raise FileNotFoundError(f"not run (no finished result in {run_dir})")
+                if cfg.report_only and prev is None:  # report-only takes whatever finished there
+                    raise FileNotFoundError(f"not run (no finished result in {run_dir})")
+                if not cfg.report_only and (prev is None or prev.get("bench_key") != key):
                     prev = {**recipe.run(rc), "bench_key": key}
                     write_json(done, prev)
                 cs = seed_curves(run_dir, seeds)

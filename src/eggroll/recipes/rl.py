@@ -116,7 +116,7 @@ class Config(harness.RunConfig):
                                    ("gather", "psum"))
     anneal_lr: bool = flag(True, "PPO: anneal the learning rate linearly to 0 over the budget (as CleanRL)")
     clip_vloss: bool = flag(True, "PPO: clip the value loss around the rollout's values (as CleanRL)")
-    obs_norm: bool = flag(False, "normalise observations by running mean / std (every method; checkpointed)")
+    obs_norm: bool | None = flag(None, "normalise observations by running mean / std (every method; checkpointed)")
     eval_episodes: int = flag(16, "episodes per evaluation")
     chunk: int = flag(0, "ES members per vmap chunk on each device (0: automatic, at most 1,024)")
     # the run fields' defaults for this recipe (each seed is one harness run in run_dir/seed<k>)

@@ -1,10 +1,12 @@
-"""The `rl` recipe's hyperparameters: DEFAULTS, per-environment PRESETS and their resolution.
+"""The `rl` recipe's hyperparameters: DEFAULTS, per-environment PRESETS, TUNED presets and their resolution.
 
 Every run starts from DEFAULTS; PRESETS[preset_key(env)] overrides them for its environment:
 "ppo" for PPO; "es" for both ES methods, then "eggroll" / "open_es" for that method alone (a
-method's own entry wins, and falls back to "es" for the fields it does not name); the flags
-given (the Config fields that are not None, and the switches obs_norm / anneal_lr / clip_vloss,
-which are plain booleans) override all of them:
+method's own entry wins, and falls back to "es" for the fields it does not name); then
+TUNED[env][method]["hp"], the best configuration an `eggroll tune` search found for that
+(environment, method) -- rl_tuned.json, written by `eggroll tune --record`, each entry with its
+score and the search command; the flags given (the Config fields that are not None, and the
+switches anneal_lr / clip_vloss, which are plain booleans) override all of them:
 `resolve(cfg)` returns the result, `canonical(cfg)` compares a field's value through it (what
 --resume checks).
 """
@@ -12,6 +14,8 @@ which are plain booleans) override all of them:
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import hidden_sizes
@@ -67,8 +71,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# The tuned presets: {env key: {method: {"hp": {...}, "score": ..., "search": command}}} (tune.record).
+TUNED_PATH = Path(__file__).with_name("rl_tuned.json")
+TUNED: dict[str, dict[str, dict[str, Any]]] = json.loads(TUNED_PATH.read_text()) if TUNED_PATH.exists() else {}
+
+
 def resolve(cfg: Config) -> dict:
-    """Hyperparameters for this run: flags > PRESETS[env][es|ppo] > DEFAULTS."""
+    """Hyperparameters for this run: flags > TUNED[env][method] > PRESETS[env][method > es | ppo] > DEFAULTS."""
     hp = _base(cfg)
     hp.update({k: v for k, v in dataclasses.asdict(cfg).items() if k in DEFAULTS and v is not None})
     hp["hidden"] = hidden_sizes(hp["hidden"])
@@ -76,10 +85,11 @@ def resolve(cfg: Config) -> dict:
 
 
 def _base(cfg: Config) -> dict:
-    preset = PRESETS.get(preset_key(cfg.env), {})
+    key = preset_key(cfg.env)
+    preset, tuned = PRESETS.get(key, {}), TUNED.get(key, {}).get(cfg.strategy, {}).get("hp", {})
     if cfg.strategy == "ppo":
-        return {**DEFAULTS, **preset.get("ppo", {})}
-    return {**DEFAULTS, **preset.get("es", {}), **preset.get(cfg.strategy, {})}
+        return {**DEFAULTS, **preset.get("ppo", {}), **tuned}
+    return {**DEFAULTS, **preset.get("es", {}), **preset.get(cfg.strategy, {}), **tuned}
 
 
 def preset_key(name: str) -> str:
