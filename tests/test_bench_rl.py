@@ -128,3 +128,29 @@ def test_ppo_reference_runs_brax(tmp_path):
                            out_dir=str(tmp_path)))
     row = out["rows"]["brax/inverted_pendulum"]
     assert row["implementation"] == "brax" and row["ours"]["mean"] > 0 and row["reference"]["mean"] > 0
+
+
+def test_env_budgets_size_each_env_and_a_changed_preset_reruns(tmp_path, monkeypatch):
+    """--env-budgets gives one env its own step budget; a finished (env, method) is not re-run
+    by the same command, but is once its resolved hyperparameters change (e.g. a new tuned preset)."""
+    from eggroll.bench import rl as bench_rl
+    from eggroll.recipes import rl_presets
+
+    for bad in ('{"Acrobot-v1": 100}', '{"CartPole-v1": 0}', "not json"):
+        with pytest.raises(ValueError, match="env-budgets"):
+            bench_rl.env_budgets(bench_rl.Config(env_budgets=bad), ["CartPole-v1"])
+    cfg = bench_rl.Config(envs="CartPole-v1", methods="eggroll", seeds=2, budget_steps=10**6, budget_wall_s=0,
+                          env_budgets='{"CartPole-v1": 600}', hidden="8", population=8, eval_episodes=2,
+                          out_dir=str(tmp_path))
+    calls = []
+    real_run = bench_rl.recipe.run
+    monkeypatch.setattr(bench_rl.recipe, "run", lambda rc: calls.append(rc) or real_run(rc))
+    out = bench_rl.run(cfg)
+    row = out["rows"][0]
+    assert row["budget_steps"] == 600 and calls[0].budget_steps == 600
+    assert 600 <= row["eggroll"]["env_steps"] < 600 + 8 * 500  # stops at the first generation past its budget
+    bench_rl.run(cfg)
+    assert len(calls) == 1  # finished: not re-run
+    monkeypatch.setattr(rl_presets, "TUNED", {"CartPole-v1": {"eggroll": {"hp": {"sigma": 0.3}}}})
+    bench_rl.run(cfg)
+    assert len(calls) == 2 and bench_rl.recipe.resolve(calls[1])["sigma"] == 0.3

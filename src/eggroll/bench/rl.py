@@ -2,6 +2,8 @@
 
     eggroll bench rl --envs CartPole-v1,Pendulum-v1,MPE_simple_spread_v3 --seeds 3 --budget-wall-s 20
     eggroll bench rl --seeds 3 --budget-wall-s 10      # the 16 environments + 3 MPE tasks (DEFAULT_ENVS)
+    eggroll bench rl --envs Pendulum-v1,Acrobot-v1 --budget-wall-s 0 --budget-steps 1000000 \
+        --env-budgets '{"Pendulum-v1": 3000000}'      # a budget per env, sized so its curves flatten
 
 For every (env, method) it runs the `rl` recipe (eggroll.recipes.rl: same adapters, same MLP
 sizes, same deterministic evaluation) with the same per-seed budget: `budget_steps` env steps
@@ -64,6 +66,7 @@ class Config:
     methods: str = _arg("eggroll,open_es,ppo", "comma-separated methods")
     seeds: int = _arg(3, "seeds per (env, method)")
     budget_steps: int = _arg(10**9, "env steps per seed")
+    env_budgets: str = _arg("", 'JSON {"env": steps} replacing budget_steps for the envs it names (size each env\'s budget)')
     budget_wall_s: float = _arg(20.0, "training seconds per seed (0: no limit)")
     hidden: str = _arg("", "hidden sizes for every run (empty: each env's preset / 256,256,256)")
     population: int = _arg(0, "ES population for every run (0: each env's preset)")
@@ -172,23 +175,40 @@ def speed(rows: list[dict]) -> dict:
     return out
 
 
+def env_budgets(cfg: Config, envs: list[str]) -> dict[str, int]:
+    """Env steps per seed for each env: budget_steps, or its entry in the --env-budgets JSON."""
+    try:
+        own = json.loads(cfg.env_budgets) if cfg.env_budgets else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f'--env-budgets must be a JSON object {{"env": steps}}: {e}') from None
+    bad = {k: v for k, v in own.items() if k not in envs or not isinstance(v, int) or v < 1} if isinstance(own, dict) else own
+    if bad:
+        raise ValueError(f"--env-budgets: {bad} -- each key one of --envs, each value a positive integer of env steps")
+    return {e: own.get(e, cfg.budget_steps) for e in envs}
+
+
+def _budget_label(cfg: Config, steps: int) -> str:
+    return f"{steps} steps" + (f" or {cfg.budget_wall_s:g} s" if cfg.budget_wall_s else "")
+
+
 def run(cfg: Config) -> dict:
     envs = [e.strip() for e in cfg.envs.split(",") if e.strip()]
     methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in recipe.METHODS]
     if not envs or bad:
         raise ValueError(f"need at least one env and methods from {recipe.METHODS}; got envs={envs}, bad methods={bad}")
+    steps = env_budgets(cfg, envs)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(cfg.seeds))
-    budget = f"{cfg.budget_wall_s:g} s" if cfg.budget_wall_s else f"{cfg.budget_steps} steps"
+    budget = _budget_label(cfg, cfg.budget_steps)
     rows, t0 = [], time.perf_counter()
     for env in envs:
-        row = {"env": env, "suite": rlt.suite_of(env)[0], "results": {}, "errors": {}}
+        row = {"env": env, "suite": rlt.suite_of(env)[0], "budget_steps": steps[env], "results": {}, "errors": {}}
         curves = {}
         for method in methods:
             run_dir = out / _slug(env) / method
-            rc = recipe.Config(env=env, strategy=method, seeds=cfg.seeds, budget_steps=cfg.budget_steps,
+            rc = recipe.Config(env=env, strategy=method, seeds=cfg.seeds, budget_steps=steps[env],
                                budget_wall_s=cfg.budget_wall_s, hidden=cfg.hidden or None, eval_every=cfg.eval_every,
                                population=cfg.population or None,
                                eval_episodes=cfg.eval_episodes, run_dir=str(run_dir), progress=cfg.progress)
@@ -212,12 +232,13 @@ def run(cfg: Config) -> dict:
                               "s_per_gen": got.get("s_per_gen"), "error": row["errors"].get(method),
                               "elapsed_s": round(time.perf_counter() - t0, 1)}), flush=True)
         if curves:
-            plot_env(env, curves, out / f"{_slug(env)}.png", budget)
+            plot_env(env, curves, out / f"{_slug(env)}.png", _budget_label(cfg, steps[env]))
             row["compare"] = rl_compare.compare(curves)
         rows.append(row)
         (out / "results.md").write_text(table(rows, methods))
     summary = {"budget": budget, "seeds": cfg.seeds, "out_dir": str(out),
-               "rows": [{"env": r["env"], "suite": r["suite"], "errors": r["errors"], "compare": r.get("compare"),
+               "rows": [{"env": r["env"], "suite": r["suite"], "budget_steps": r["budget_steps"], "errors": r["errors"],
+                         "compare": r.get("compare"),
                          **{m: {k: r["results"][m][k] for k in ("mean_return", "stderr", "wall_s", "env_steps",
                                                                "s_per_gen", "compile_s", "num_params")}
                             for m in r["results"]}} for r in rows],
