@@ -4,6 +4,7 @@ rate, clipped value loss, orthogonal init), observation statistics, and that it 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from eggroll.baselines import ppo
@@ -76,6 +77,22 @@ def test_clipped_value_loss():
     vf = lambda clip: float(ppo._loss(c._replace(hp={**hp, "clip_vloss": clip}), params, b, stats, jnp.mean)[1][1])
     # unclipped 0.5 (0.5 - 1)^2; clipped: V_old + clip(0.5 - 0, +-0.2) = 0.2 -> 0.5 max(0.25, 0.64)
     assert vf(False) == pytest.approx(0.125) and vf(True) == pytest.approx(0.32)
+
+
+def test_actor_and_critic_gradients_are_clipped_separately():
+    """A critic gradient of norm 100 leaves an actor gradient of norm 0.3 whole (a joint clip to
+    0.5 would scale it by 1/200); each part over the limit comes back at norm 0.5."""
+    grads = {"actor": {"w": jnp.array([0.3, 0.0])}, "log_std": jnp.array([0.0]),
+             "critic": {"w": jnp.array([60.0, 80.0])}}
+    clip = ppo.clip_actor_and_critic(0.5)
+    out, _ = clip.update(grads, clip.init(grads))
+    np.testing.assert_allclose(out["actor"]["w"], [0.3, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(out["critic"]["w"], [0.3, 0.4], rtol=1e-6)
+    big = {**grads, "actor": {"w": jnp.array([3.0, 4.0])}, "log_std": jnp.array([0.0])}
+    out, _ = clip.update(big, clip.init(big))
+    np.testing.assert_allclose(out["actor"]["w"], [0.3, 0.4], rtol=1e-6)
+    joint, _ = optax.clip_by_global_norm(0.5).update(grads, optax.EmptyState())
+    assert float(joint["actor"]["w"][0]) < 0.3 / 100  # what the joint clip did
 
 
 def test_orthogonal_init():
