@@ -72,10 +72,13 @@ def test_default_envs_cover_every_suite_and_the_named_six():
     assert {rlt.suite_of(e)[0] for e in bench_rl.MPE_ENVS} == {"mpe"}
 
 
-def test_ppo_reference_gives_rejax_our_resolved_settings():
+def test_ppo_reference_gives_rejax_our_resolved_settings(monkeypatch):
     from eggroll.bench import ppo_reference as pr
     from eggroll.recipes import rl as recipe
+    from eggroll.recipes import rl_presets
     from eggroll.recipes.rl_presets import resolve
+
+    monkeypatch.setattr(rl_presets, "TUNED", {})  # the hand preset below, whatever has been tuned since
 
     hp = resolve(recipe.Config(env="Pendulum-v1", strategy="ppo", anneal_lr=False))
     conf = pr.rejax_config(hp, "Pendulum-v1", 4096)
