@@ -43,7 +43,7 @@ BENCHES = {
     "generate": ("eggroll.bench.generate", "LLM sampler: generation with per-member noise vs plain batched generation"),
     "gpu": ("eggroll.bench.gpu", "the one accelerator check: time-boxed throughput / EGG / sampler / countdown / RL parts (--tiny on CPU)"),
     "rl": ("eggroll.bench.rl", "EGGROLL vs OpenES vs PPO on several RL envs: results table, curves, speed ratios"),
-    "ppo-reference": ("eggroll.bench.ppo_reference", "our PPO vs rejax's PPO at equal env steps and hyperparameters (gymnax envs)"),
+    "ppo-reference": ("eggroll.bench.ppo_reference", "our PPO vs a maintained one (rejax on gymnax, brax's own on brax) at equal env steps and hyperparameters"),
 }
 TOOLS = {
     "sample": ("eggroll.recipes.egg_sample", "generate text from a trained EGG checkpoint"),
