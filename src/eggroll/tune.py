@@ -105,17 +105,16 @@ def search_command(cfg: Config) -> str:
     return shlex.join(["eggroll", "tune", *flag_args({k: getattr(cfg, k) for k in SEARCH_FIELDS if getattr(cfg, k) != ""})])
 
 
-def record(cfg: Config, result: dict, path: Path | None = None) -> dict:
-    """Write the search's best as TUNED[env][strategy] into rl_tuned.json (and the loaded table)."""
-    path = Path(path or rl_presets.TUNED_PATH)
-    table = json.loads(path.read_text()) if path.exists() else {}
+def record(cfg: Config, result: dict) -> dict:
+    """Write the search's best as TUNED[env][strategy] into rl_tuned.json (re-read first: other
+    searches may have recorded since this process started) and into the loaded table."""
+    table = rl_presets.read_tuned()
     table.setdefault(rl_presets.preset_key(cfg.env), {})[cfg.strategy] = {
         "hp": result["best"], "score": result["best_score"], "stderr": result["best_stderr"],
         "trials": result["trials"], "search": search_command(cfg)}
-    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    if path == rl_presets.TUNED_PATH:
-        rl_presets.TUNED.clear()
-        rl_presets.TUNED.update(table)
+    rl_presets.TUNED_PATH.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    rl_presets.TUNED.clear()
+    rl_presets.TUNED.update(table)
     return table
 
 

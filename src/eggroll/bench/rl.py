@@ -24,8 +24,9 @@ excluded, so every method and seed gets the same training time). Outputs in out_
     results.json            everything above as data (the CLI's final JSON line)
 
 An (env, method) whose run directory already holds a result.json for the same seeds, budget and
-resolved hyperparameters (presets included, tuned ones too) is not re-run (resume a long bench by running the same command again); `--report-only` rebuilds
-the table and plots from whatever has finished, training nothing.
+resolved hyperparameters (presets included, tuned ones too) is not re-run (resume a long bench
+by running the same command again); `--report-only` rebuilds the table and plots from whatever
+has finished, training nothing.
 """
 
 from __future__ import annotations
@@ -212,8 +213,9 @@ def run(cfg: Config) -> dict:
                                budget_wall_s=cfg.budget_wall_s, hidden=cfg.hidden or None, eval_every=cfg.eval_every,
                                population=cfg.population or None,
                                eval_episodes=cfg.eval_episodes, run_dir=str(run_dir), progress=cfg.progress)
-            key = {**{k: getattr(rc, k) for k in ("seeds", "budget_steps", "budget_wall_s", "hidden", "population")},
-                   "hp": json.loads(json.dumps(recipe.resolve(rc)))}  # a changed (e.g. tuned) preset re-runs
+            # the resolved hyperparameters (hidden and population among them): a changed, e.g. tuned, preset re-runs
+            key = {**{k: getattr(rc, k) for k in ("seeds", "budget_steps", "budget_wall_s")},
+                   "hp": json.loads(json.dumps(recipe.resolve(rc)))}
             done = run_dir / "result.json"
             try:
                 prev = json.loads(done.read_text()) if done.exists() else None

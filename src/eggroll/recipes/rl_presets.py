@@ -73,7 +73,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 # The tuned presets: {env key: {method: {"hp": {...}, "score": ..., "search": command}}} (tune.record).
 TUNED_PATH = Path(__file__).with_name("rl_tuned.json")
-TUNED: dict[str, dict[str, dict[str, Any]]] = json.loads(TUNED_PATH.read_text()) if TUNED_PATH.exists() else {}
+
+
+def read_tuned() -> dict[str, dict[str, dict[str, Any]]]:
+    """The tuned presets as rl_tuned.json holds them now ({} before the first --record)."""
+    return json.loads(TUNED_PATH.read_text()) if TUNED_PATH.exists() else {}
+
+
+TUNED = read_tuned()
 
 
 def resolve(cfg: Config) -> dict:
